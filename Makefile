@@ -1,0 +1,36 @@
+# Two commands do all the set-up on a fresh machine:
+#   make bench   environment + build, then the benchmark on its default workload
+#   make test    environment + build, then the whole test suite
+# The environment is .venv with torch $(TORCH) (a CUDA 13.0 build by default, so that the
+# CUDA kernels compile even without a GPU) and the test tools.
+PYTHON ?= python3
+TORCH ?= torch==2.14.1
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.fastnorm-deps
+
+.PHONY: bench test build check info clean
+
+$(STAMP):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install "$(TORCH)" ninja numpy pytest expecttest setuptools wheel
+	touch $(STAMP)
+
+build: $(STAMP)
+	MAX_JOBS=$${MAX_JOBS:-2} $(PY) -m pip install --no-build-isolation --no-deps -e . -q
+
+bench: build
+	$(PY) -m fastnorm bench $(ARGS)
+
+test: build
+	$(PY) -m pytest -q $(ARGS)
+
+check: build
+	$(PY) -m fastnorm check
+
+info: build
+	$(PY) -m fastnorm info
+
+clean:
+	rm -rf build fastnorm/*.so fastnorm.egg-info

@@ -1,0 +1,195 @@
+// Batch-norm math shared by the CPU and the CUDA kernels: per-channel moments and their
+// exact merge, the fused activation, and the per-channel coefficients of the forward and
+// backward element-wise passes. Everything here is plain arithmetic so that it compiles
+// for host and device alike, and the CPU tests cover it.
+#pragma once
+
+#include <c10/macros/Macros.h>
+
+#include <cmath>
+#include <cstdint>
+
+#define FASTNORM_HD C10_HOST_DEVICE
+
+namespace fastnorm {
+
+// Activation applied after the (optional) residual add. Values match the Python side.
+enum class Activation : int64_t { None = 0, ReLU = 1, LeakyReLU = 2, SiLU = 3 };
+
+// Count, mean and sum of squared deviations (M2) of a set of values. Two summaries merge
+// exactly (Chan, Golub & LeVeque), so partial results from threads, blocks or processes
+// combine without the cancellation of E[x^2] - E[x]^2.
+template <typename T>
+struct Moments {
+  T count;
+  T mean;
+  T m2;
+};
+
+template <typename T>
+FASTNORM_HD inline Moments<T> moments_merge(const Moments<T>& a, const Moments<T>& b) {
+  const T n = a.count + b.count;
+  if (n == T(0)) {
+    return a;
+  }
+  const T delta = b.mean - a.mean;
+  const T b_share = b.count / n;
+  return {n, a.mean + delta * b_share, a.m2 + b.m2 + delta * delta * a.count * b_share};
+}
+
+// Moments of the union of k sets from their counts count[i] and means and M2s at
+// mean[i * stride], m2[i * stride]: the exact two-pass combination, the mean first and
+// then M2 with the squared deviations of the set means. One division instead of k - 1
+// pairwise merges.
+template <typename T>
+FASTNORM_HD inline Moments<T> moments_combine(const T* count, const T* mean, const T* m2, int64_t k,
+                                              int64_t stride = 1) {
+  T n = 0, sum = 0;
+  for (int64_t i = 0; i < k; ++i) {
+    n += count[i];
+    sum += count[i] * mean[i * stride];
+  }
+  if (n == T(0)) {
+    return {T(0), T(0), T(0)};
+  }
+  const T mu = sum / n;
+  T acc = 0;
+  for (int64_t i = 0; i < k; ++i) {
+    const T d = mean[i * stride] - mu;
+    acc += m2[i * stride] + count[i] * d * d;
+  }
+  return {n, mu, acc};
+}
+
+// Welford's update with one value.
+template <typename T>
+FASTNORM_HD inline Moments<T> moments_add(const Moments<T>& a, T x) {
+  const T n = a.count + T(1);
+  const T delta = x - a.mean;
+  const T mean = a.mean + delta / n;
+  return {n, mean, a.m2 + delta * (x - mean)};
+}
+
+// Moments of n values from the shifted sums sd = sum(x - m) and sdd = sum((x - m)^2) around
+// a provisional mean m (the corrected two-pass algorithm: exact when m is the true mean,
+// and the correction term removes the error of a rounded m).
+template <typename T>
+FASTNORM_HD inline Moments<T> moments_from_shifted_sums(T n, T m, T sd, T sdd) {
+  if (n == T(0)) {
+    return {T(0), T(0), T(0)};
+  }
+  const T m2 = sdd - sd * sd / n;
+  return {n, m + sd / n, m2 > T(0) ? m2 : T(0)};
+}
+
+template <typename T>
+FASTNORM_HD inline T biased_var(const Moments<T>& m) {
+  return m.count > T(0) ? m.m2 / m.count : T(0);
+}
+
+template <typename T>
+FASTNORM_HD inline T inv_std(T var, double eps) {
+  return T(1) / std::sqrt(var + T(eps));
+}
+
+// Running statistics: exponential average with `factor` (momentum), the variance entering
+// it unbiased (n / (n - 1)), as torch does.
+template <typename T>
+FASTNORM_HD inline T running_mean_update(T running, T batch_mean, T factor) {
+  return running + factor * (batch_mean - running);
+}
+
+template <typename T>
+FASTNORM_HD inline T running_var_update(T running, T batch_biased_var, T count, T factor) {
+  const T unbiased = count > T(1) ? batch_biased_var * count / (count - T(1)) : batch_biased_var;
+  return running + factor * (unbiased - running);
+}
+
+// Forward per channel: z = x * scale + shift (+ residual), y = act(z), with
+// scale = weight * invstd and shift = bias - mean * scale. With an FMA the only rounding
+// beyond the result's is that of shift, |mean * scale| * eps, the same as that of
+// (x - mean) * scale with a rounded mean; computed in float64 (as the CPU does) it is gone.
+template <typename T>
+struct ForwardCoef {
+  T scale;
+  T shift;
+};
+
+template <typename T>
+FASTNORM_HD inline ForwardCoef<T> forward_coef(T mean, T invstd, T weight, T bias) {
+  const T scale = weight * invstd;
+  return {scale, bias - mean * scale};
+}
+
+// Whether the activation's derivative needs the pre-activation z; otherwise it can be read
+// off the output y (relu, and leaky relu with a non-negative slope, keep the sign of z).
+FASTNORM_HD inline bool activation_needs_z(Activation act, double slope) {
+  return act == Activation::SiLU || (act == Activation::LeakyReLU && slope < 0.0);
+}
+
+template <typename T>
+FASTNORM_HD inline T sigmoid(T z) {
+  return T(1) / (T(1) + std::exp(-z));
+}
+
+template <typename T>
+FASTNORM_HD inline T activate(T z, Activation act, T slope) {
+  switch (act) {
+    case Activation::ReLU:
+      return z > T(0) ? z : T(0);
+    case Activation::LeakyReLU:
+      return z > T(0) ? z : z * slope;
+    case Activation::SiLU:
+      return z * sigmoid(z);
+    default:
+      return z;
+  }
+}
+
+// d act / d z times dy, with `v` the pre-activation z when activation_needs_z, else the
+// output y.
+template <typename T>
+FASTNORM_HD inline T activation_backward(T dy, T v, Activation act, T slope) {
+  switch (act) {
+    case Activation::ReLU:
+      return v > T(0) ? dy : T(0);
+    case Activation::LeakyReLU:
+      return v > T(0) ? dy : dy * slope;
+    case Activation::SiLU: {
+      const T s = sigmoid(v);
+      return dy * s * (T(1) + v * (T(1) - s));
+    }
+    default:
+      return dy;
+  }
+}
+
+// Backward per channel: dx = dz * k_dz + x * k_x + k_c, where dz is the gradient at the
+// pre-activation. In training the batch statistics depend on x:
+//   dx = w * invstd * (dz - mean(dz) - (x - mean) * invstd^2 * mean(dz * (x - mean)));
+// in evaluation they are constants and dx = w * invstd * dz.
+template <typename T>
+struct BackwardCoef {
+  T k_dz;
+  T k_x;
+  T k_c;
+};
+
+template <typename T>
+FASTNORM_HD inline BackwardCoef<T> backward_coef(T mean, T invstd, T weight, bool training, T mean_dz,
+                                                 T mean_dz_xmu) {
+  const T k = weight * invstd;
+  if (!training) {
+    return {k, T(0), T(0)};
+  }
+  const T k_x = -k * invstd * invstd * mean_dz_xmu;
+  return {k, k_x, -k * mean_dz - mean * k_x};
+}
+
+// Parameter gradients from the two per-channel sums.
+template <typename T>
+FASTNORM_HD inline T grad_weight_from_sums(T sum_dz_xmu, T invstd) {
+  return sum_dz_xmu * invstd;
+}
+
+}  // namespace fastnorm

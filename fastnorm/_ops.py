@@ -1,0 +1,113 @@
+"""The compiled ops (torch.ops.fastnorm.*) and their fake implementations for torch.compile.
+
+Kernels and autograd are registered by the C++ extension; this module loads it and tells
+torch the shapes, dtypes and strides of every op's outputs.
+"""
+import torch
+
+from . import _C  # noqa: F401  (loading the extension registers torch.ops.fastnorm)
+
+ops = torch.ops.fastnorm
+
+ACTIVATIONS = {None: 0, "relu": 1, "leaky_relu": 2, "silu": 3}
+
+
+def activation_code(activation):
+    try:
+        return ACTIVATIONS[activation]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"activation must be one of None, 'relu', 'leaky_relu', 'silu'; got {activation!r}"
+        ) from None
+
+
+def acc_dtype(dtype):
+    """Statistics' dtype: float64 for float64 input, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _channels_innermost(x):
+    if x.dim() < 3:
+        return x.is_contiguous()
+    return x.permute(0, *range(2, x.dim()), 1).is_contiguous()
+
+
+def dense_like(x):
+    """An empty tensor in the layout the kernels give their full-size outputs (mirrors
+    dense_input in csrc/batch_norm.cpp)."""
+    if x.is_contiguous() or _channels_innermost(x):
+        return torch.empty_like(x)
+    channel_stride_smallest = all(
+        x.stride(d) > x.stride(1) for d in range(x.dim()) if d != 1 and x.size(d) > 1
+    )
+    if channel_stride_smallest:
+        perm = (0, *range(2, x.dim()), 1)
+        back = (0, x.dim() - 1, *range(1, x.dim() - 1))
+        return x.new_empty([x.size(p) for p in perm]).permute(back)
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _check_devices(op, input, **tensors):
+    """The fake kernels run where no real kernel does (meta tensors, tracing): they check
+    devices as the real ones do."""
+    for name, t in tensors.items():
+        if t is not None and t.device != input.device:
+            raise RuntimeError(
+                f"fastnorm.{op}: expected {name} on the input's device {input.device}, got {name} "
+                f"of shape {list(t.shape)}, dtype {t.dtype}, device {t.device}")
+
+
+def _channel_vector(x):
+    return x.new_empty(x.shape[1], dtype=acc_dtype(x.dtype))
+
+
+def _empty(x):
+    return x.new_empty(0)
+
+
+@torch.library.register_fake("fastnorm::batch_norm_stats")
+def _stats_fake(input):
+    return _channel_vector(input), _channel_vector(input)
+
+
+@torch.library.register_fake("fastnorm::batch_norm_train")
+def _train_fake(input, weight, bias, residual, running_mean, running_var, num_batches_tracked,
+                momentum, cumulative, eps, activation, negative_slope):
+    _check_devices("batch_norm", input, weight=weight, bias=bias, residual=residual,
+                   running_mean=running_mean, running_var=running_var,
+                   num_batches_tracked=num_batches_tracked)
+    return dense_like(input), _channel_vector(input), _channel_vector(input)
+
+
+@torch.library.register_fake("fastnorm::batch_norm_elemt")
+def _elemt_fake(input, mean, var, weight, bias, residual, eps, activation, negative_slope):
+    _check_devices("batch_norm", input, mean=mean, var=var, weight=weight, bias=bias, residual=residual)
+    return dense_like(input)
+
+
+@torch.library.register_fake("fastnorm::batch_norm_backward")
+def _backward_fake(grad_out, input, mean, var, weight, bias, residual, output, eps, training,
+                   activation, negative_slope, input_grad, param_grad, preact_grad):
+    _check_devices("batch_norm_backward", input, grad_out=grad_out, mean=mean, var=var,
+                   weight=weight, bias=bias, residual=residual, output=output)
+    param = weight if weight is not None else bias
+    param_dtype = param.dtype if param is not None else acc_dtype(input.dtype)
+    grad_param = input.new_empty(input.shape[1], dtype=param_dtype) if param_grad else _empty(input)
+    return (
+        dense_like(input) if input_grad else _empty(input),
+        grad_param,
+        grad_param.clone() if param_grad else _empty(input),
+        dense_like(input) if preact_grad else _empty(input),
+    )
+
+
+@torch.library.register_fake("fastnorm::batch_norm_backward_reduce")
+def _backward_reduce_fake(grad_out, input, mean, var, weight, bias, residual, output, eps,
+                          activation, negative_slope):
+    return _channel_vector(input), _channel_vector(input)
+
+
+@torch.library.register_fake("fastnorm::batch_norm_backward_elemt")
+def _backward_elemt_fake(grad_out, input, mean, var, weight, bias, residual, output, mean_dz,
+                         mean_dz_xmu, eps, activation, negative_slope, preact_grad):
+    return dense_like(input), dense_like(input) if preact_grad else _empty(input)

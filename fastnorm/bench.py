@@ -1,0 +1,241 @@
+"""Side-by-side timings of fastnorm against torch: ``python -m fastnorm bench``.
+
+Every case times fastnorm and torch (eager; and torch.compile with --compile, the default on
+CUDA) in the same run: training forward, and forward + backward. Times are medians of
+torch.utils.benchmark (warm-up excluded, CUDA synchronized). Bandwidth: the bytes that must
+move (forward: read x, write y; backward: read dy and x, write dx) over the time, and as a
+share of what a copy of the same bytes achieves on this machine.
+
+On the CPU, glibc returns every large block to the system when it is freed, so each call
+would spend much of its time zeroing fresh pages for its output, for torch and fastnorm
+alike. The benchmark keeps freed memory in the process (as a caching allocator does, and as
+torch does on CUDA) so that the kernels are timed, not the page faults.
+"""
+import argparse
+import datetime
+import json
+import math
+import platform
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch.utils.benchmark import Timer
+
+import fastnorm
+
+# (C, H, W) of every distinct batch-norm input in torchvision's ResNet-50.
+RESNET50_BN = [
+    (64, 112, 112), (64, 56, 56), (256, 56, 56), (128, 56, 56), (128, 28, 28), (512, 28, 28),
+    (256, 28, 28), (256, 14, 14), (1024, 14, 14), (512, 14, 14), (512, 7, 7), (2048, 7, 7),
+]
+
+
+@dataclass
+class Case:
+    name: str
+    shape: tuple
+    layout: str  # "contiguous" or "channels_last"
+    dtype: torch.dtype
+    group: str  # cases summarized together (geometric mean of speedups)
+
+
+@dataclass
+class Result:
+    name: str
+    shape: list
+    layout: str
+    dtype: str
+    group: str
+    device: str
+    ms: dict = field(default_factory=dict)  # "<impl> <pass>" -> median milliseconds
+    copy_ms: float = 0.0
+    bytes: dict = field(default_factory=dict)  # "<pass>" -> bytes that must move
+
+
+def default_suite(batch):
+    cases = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for layout in ("contiguous", "channels_last"):
+            for c, h, w in RESNET50_BN:
+                cases.append(Case(f"resnet50 {c}x{h}x{w}", (batch, c, h, w), layout, dtype, f"resnet50 b{batch}"))
+            cases.append(Case("bn3d 32x16x28x28", (8, 32, 16, 28, 28), layout, dtype, "other"))
+        cases.append(Case("bn1d large N", (1 << 18, 32), "contiguous", dtype, "other"))
+    return cases
+
+
+def quick_suite():
+    return [
+        Case("quick 2d", (4, 16, 14, 14), layout, dtype, "quick")
+        for dtype in (torch.float32, torch.bfloat16) for layout in ("contiguous", "channels_last")
+    ] + [Case("quick 1d", (512, 8), "contiguous", torch.float32, "quick"),
+         Case("quick 3d", (2, 8, 4, 6, 6), "channels_last", torch.float32, "quick")]
+
+
+def make_input(case, device, requires_grad=False):
+    x = torch.randn(case.shape, device=device, dtype=torch.float32).to(case.dtype)
+    if case.layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    return x.requires_grad_(requires_grad)
+
+
+def keep_freed_memory():
+    """glibc: serve large blocks from the heap and never trim it (see the module docstring)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+        return libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30) == 1
+    except (OSError, AttributeError):
+        return False
+
+
+def median_ms(fn, min_run_time):
+    fn()  # warm-up: allocations, first-call costs, compilation
+    timer = Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
+
+
+def _torch_bn(x, rm, rv, w, b):
+    return F.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5)
+
+
+def _fastnorm_bn(x, rm, rv, w, b):
+    return fastnorm.functional.batch_norm(x, rm, rv, w, b, True, 0.1, 1e-5)
+
+
+def run_case(case, device, min_run_time, compile_torch):
+    C = case.shape[1]
+    pdtype = torch.float32 if case.dtype in (torch.float16, torch.bfloat16) else case.dtype
+    w = torch.rand(C, device=device, dtype=pdtype).add_(0.5).requires_grad_()
+    b = torch.randn(C, device=device, dtype=pdtype).requires_grad_()
+    rm, rv = torch.zeros(C, device=device, dtype=pdtype), torch.ones(C, device=device, dtype=pdtype)
+    x = make_input(case, device, requires_grad=True)
+    g = torch.randn_like(x)
+    impls = {"fastnorm": _fastnorm_bn, "torch": _torch_bn}
+    if compile_torch:
+        impls["compile"] = torch.compile(_torch_bn, dynamic=False)
+
+    res = Result(case.name, list(case.shape), case.layout, str(case.dtype).replace("torch.", ""), case.group,
+                 device)
+    esize = x.element_size()
+    res.bytes = {"fwd": 2 * x.numel() * esize, "fwd+bwd": 5 * x.numel() * esize}
+    for impl, fn in impls.items():
+        with torch.no_grad():
+            res.ms[f"{impl} fwd"] = median_ms(lambda: fn(x, rm, rv, w, b), min_run_time)
+
+        def fwd_bwd():
+            torch.autograd.grad(fn(x, rm, rv, w, b), (x, w, b), g)
+
+        res.ms[f"{impl} fwd+bwd"] = median_ms(fwd_bwd, min_run_time)
+    src = x.detach()
+    dst = torch.empty_like(src)
+    res.copy_ms = median_ms(lambda: dst.copy_(src), min_run_time)
+    return res
+
+
+def gbps(nbytes, ms):
+    return nbytes / (ms * 1e-3) / 1e9
+
+
+def geomean(xs):
+    return math.exp(sum(math.log(v) for v in xs) / len(xs)) if xs else float("nan")
+
+
+def format_results(results, impls):
+    """A markdown table per device, then the per-group geometric means."""
+    lines = []
+    for device in sorted({r.device for r in results}):
+        rows = [r for r in results if r.device == device]
+        head = ["case", "dtype", "layout"]
+        for p in ("fwd", "fwd+bwd"):
+            head += [f"{i} {p} ms" for i in impls] + [f"x vs {i} {p}" for i in impls if i != "fastnorm"]
+        head += ["fwd+bwd GB/s", "% of copy"]
+        lines += [f"### {device}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in rows:
+            cells = [r.name, r.dtype, r.layout]
+            for p in ("fwd", "fwd+bwd"):
+                cells += [f"{r.ms[f'{i} {p}']:.3f}" for i in impls]
+                cells += [f"{r.ms[f'{i} {p}'] / r.ms[f'fastnorm {p}']:.2f}" for i in impls if i != "fastnorm"]
+            achieved = gbps(r.bytes["fwd+bwd"], r.ms["fastnorm fwd+bwd"])
+            copy_bw = gbps(r.bytes["fwd"], r.copy_ms)  # a copy moves what a forward must: read + write
+            cells += [f"{achieved:.1f}", f"{100 * achieved / copy_bw:.0f}%"]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines += ["", "Geometric-mean speedup of fastnorm (higher is better), and the slowest case:", ""]
+        groups = sorted({(r.group, r.dtype, r.layout) for r in rows})
+        for grp in groups:
+            sel = [r for r in rows if (r.group, r.dtype, r.layout) == grp]
+            parts = []
+            for i in impls:
+                if i == "fastnorm":
+                    continue
+                for p in ("fwd", "fwd+bwd"):
+                    sp = [r.ms[f"{i} {p}"] / r.ms[f"fastnorm {p}"] for r in sel]
+                    parts.append(f"vs {i} {p} {geomean(sp):.2f}x (min {min(sp):.2f}x)")
+            lines.append(f"- {grp[0]}, {grp[1]}, {grp[2]} ({len(sel)} cases): " + "; ".join(parts))
+        lines.append("")
+    return "\n".join(lines)
+
+
+def machine_description(device):
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def main(argv):
+    p = argparse.ArgumentParser(prog="python -m fastnorm bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=["cpu", "cuda", "all"], default="all",
+                   help="where to run (all: the CPU, and CUDA when present)")
+    p.add_argument("--quick", action="store_true", help="a few small cases (smoke test)")
+    p.add_argument("--batch", type=int, default=None, help="ResNet-50 batch (default 32 on CPU, 64 on CUDA)")
+    p.add_argument("--compile", dest="compile", action="store_true", default=None,
+                   help="also time torch.compile of torch's batch norm (default: on CUDA only)")
+    p.add_argument("--no-compile", dest="compile", action="store_false")
+    p.add_argument("--filter", default="", help="only cases whose name contains this")
+    p.add_argument("--min-run-time", type=float, default=None, help="seconds per measurement")
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--markdown", help="write the table here")
+    args = p.parse_args(argv)
+
+    heap_kept = keep_freed_memory()
+    devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
+    devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
+    if not devices:
+        p.error("CUDA asked for, but no GPU is visible")
+    min_run_time = args.min_run_time or (0.02 if args.quick else 0.3)
+    results, impls_seen, machines = [], ["fastnorm", "torch"], {}
+    for device in devices:
+        batch = args.batch or (32 if device == "cpu" else 64)
+        cases = quick_suite() if args.quick else default_suite(batch)
+        cases = [c for c in cases if args.filter in c.name]
+        compile_torch = args.compile if args.compile is not None else device == "cuda"
+        if compile_torch and "compile" not in impls_seen:
+            impls_seen.append("compile")
+        machines[device] = machine_description(device)
+        print(f"# {device}: {machines[device]}, {len(cases)} cases", flush=True)
+        for case in cases:
+            r = run_case(case, device, min_run_time, compile_torch)
+            results.append(r)
+            print(f"  {case.name:24s} {r.dtype:8s} {r.layout:13s} "
+                  + "  ".join(f"{k} {v:.3f}ms" for k, v in r.ms.items()), flush=True)
+    impls = [i for i in impls_seen if all(f"{i} fwd" in r.ms for r in results)]
+    table = format_results(results, impls)
+    header = (f"fastnorm {fastnorm.__version__}, torch {torch.__version__}, "
+              f"{datetime.date.today().isoformat()}; "
+              + "; ".join(f"{d}: {m}" for d, m in machines.items())
+              + ("" if heap_kept else "; CPU times include page faults (allocator not configurable)"))
+    print()
+    print(header)
+    print(table)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(f"# Benchmark\n\n{header}\n\nCommand: `python -m fastnorm bench {' '.join(argv)}`\n\n"
+                    f"{table}\n")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"header": header, "machines": machines,
+                       "results": [asdict(r) for r in results]}, f, indent=1)
+    return 0

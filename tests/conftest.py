@@ -1,0 +1,75 @@
+"""Shared test setup: devices, the tolerance table, input makers and comparisons."""
+import os
+
+import pytest
+import torch
+
+import fastnorm
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+# The tolerance table lives with the references (fastnorm/reference.py), shared with
+# `python -m fastnorm check`; see assert_close_to_reference for the low-precision rule.
+from fastnorm.reference import TOLERANCES  # noqa: E402
+FLOAT_DTYPES = list(TOLERANCES)
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False, help="run tests marked slow")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow") or os.environ.get("FASTNORM_RUNSLOW") == "1":
+        return
+    skip = pytest.mark.skip(reason="slow: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+def param_dtype_for(dtype):
+    """Parameters are float32 for low-precision input (the usual mixed precision)."""
+    return torch.float32 if dtype in LOW_PRECISION else dtype
+
+
+def with_layout(x, layout):
+    """x (any values) re-laid out: contiguous, channels_last (channels innermost, for any
+    ndim >= 2), or strided (not dense: a slice of a larger tensor)."""
+    if layout == "contiguous":
+        return x.contiguous()
+    if layout == "channels_last":
+        perm = (0, *range(2, x.dim()), 1)
+        back = (0, x.dim() - 1, *range(1, x.dim() - 1))
+        return x.permute(perm).contiguous().permute(back)
+    if layout == "strided":
+        big = torch.empty(*x.shape[:-1], 2 * x.shape[-1], dtype=x.dtype, device=x.device)
+        big.normal_()
+        view = big[..., ::2]
+        view.copy_(x)
+        return view
+    raise ValueError(layout)
+
+
+def max_err(a, ref):
+    return (a.double() - ref.double()).abs().max().item() if a.numel() else 0.0
+
+
+def assert_close_to_reference(ours, ref64, dtype, torch_lowp=None, what=""):
+    """ours (in dtype) against a float64 reference. For float16/bfloat16 also against torch's
+    own result in that dtype: the error may be at most twice torch's (plus one rounding)."""
+    assert ours.dtype == dtype or dtype in LOW_PRECISION, (ours.dtype, dtype)
+    tol = TOLERANCES[dtype]
+    assert torch.isfinite(ours).all() == torch.isfinite(ref64).all(), f"{what}: non-finite values differ"
+    if dtype in LOW_PRECISION and torch_lowp is not None:
+        err, err_torch = max_err(ours, ref64), max_err(torch_lowp, ref64)
+        scale = ref64.abs().max().item() if ref64.numel() else 0.0
+        floor = torch.finfo(dtype).eps * max(1.0, scale)
+        assert err <= 2 * err_torch + floor, f"{what}: error {err:.3g} vs torch's {err_torch:.3g} in {dtype}"
+    torch.testing.assert_close(ours.double(), ref64.double(), msg=lambda m: f"{what}: {m}", **tol)

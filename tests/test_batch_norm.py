@@ -1,0 +1,275 @@
+"""Batch norm against torch: values, gradients and running statistics over the matrix of
+shapes x layouts x dtypes, and the modules' torch semantics."""
+import copy
+import io
+import pickle
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastnorm
+from conftest import (DEVICES, FLOAT_DTYPES, LOW_PRECISION, assert_close_to_reference, max_err,
+                      param_dtype_for, with_layout)
+
+# Awkward sizes: N=2, one channel, primes, 1023/1025, (N, C) with many rows, channels that
+# are not a multiple of the vector width, big spatial sizes (several blocks per channel),
+# and many channels.
+SHAPES = [
+    (2, 3),
+    (1025, 7),
+    (64, 1),
+    (3, 13, 17),
+    (2, 4, 1023),
+    (4, 5, 1025),
+    (2, 3, 5, 7),
+    (3, 16, 8, 8),
+    (2, 2, 96, 97),
+    (2, 2051, 2, 3),
+    (2, 3, 4, 5, 6),
+]
+LAYOUTS = ["contiguous", "channels_last", "strided"]
+
+
+def make_input(shape, dtype, layout, device, mean=0.5, std=2.0):
+    base = (torch.randn(shape, device=device, dtype=torch.float64) * std + mean).to(dtype)
+    return with_layout(base, layout)
+
+
+def make_params(C, dtype, device):
+    pd = param_dtype_for(dtype)
+    w = torch.randn(C, device=device, dtype=torch.float64).to(pd)
+    b = torch.randn(C, device=device, dtype=torch.float64).to(pd)
+    rm = torch.randn(C, device=device, dtype=torch.float64).to(pd)
+    rv = (torch.rand(C, device=device, dtype=torch.float64) + 0.5).to(pd)
+    return w, b, rm, rv
+
+
+def run_functional(fn, x, w, b, rm, rv, g, training, momentum=0.1, eps=1e-5, upcast=False, **kw):
+    """Runs fn (fastnorm's or torch's batch_norm) forward and backward on copies of the
+    inputs; returns output, grads (x, w, b) and the running statistics after the call."""
+    conv = (lambda t: t.detach().double()) if upcast else (lambda t: t.detach().clone())
+    xr, wr, br = (conv(t).requires_grad_() for t in (x, w, b))
+    rm_, rv_ = conv(rm), conv(rv)
+    out = fn(xr, rm_, rv_, wr, br, training, momentum, eps, **kw)
+    out.backward(g.double() if upcast else g)
+    return out, xr.grad, wr.grad, br.grad, rm_, rv_
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_matches_torch(device, layout, shape, dtype, training):
+    x = make_input(shape, dtype, layout, device)
+    w, b, rm, rv = make_params(shape[1], dtype, device)
+    g = torch.randn_like(x)
+    ours = run_functional(fastnorm.functional.batch_norm, x, w, b, rm, rv, g, training)
+    ref = run_functional(F.batch_norm, x, w, b, rm, rv, g, training, upcast=True)
+    lowp = run_functional(F.batch_norm, x, w, b, rm, rv, g, training) if dtype in LOW_PRECISION else [None] * 6
+    names = ["output", "grad input", "grad weight", "grad bias", "running_mean", "running_var"]
+    for name, o, r, t in zip(names, ours, ref, lowp):
+        if name.startswith("running") and dtype in LOW_PRECISION:
+            # float32 statistics of inputs that are exact in float64
+            assert_close_to_reference(o, r, torch.float32, what=name)
+        else:
+            assert_close_to_reference(o, r, dtype, t, what=name)
+    out = ours[0]
+    assert out.dtype == dtype and ours[2].dtype == w.dtype
+    if layout != "strided":
+        assert out.stride() == x.stride(), "the output keeps the input's layout"
+        assert ours[1].stride() == x.stride()
+
+
+def test_running_stats_dtype_and_untouched_in_eval():
+    x = torch.randn(8, 4, 3)
+    w, b, rm, rv = make_params(4, torch.float32, "cpu")
+    rm0, rv0 = rm.clone(), rv.clone()
+    fastnorm.functional.batch_norm(x, rm, rv, w, b, training=False)
+    assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
+    # Training without running statistics: batch statistics, nothing to update.
+    out = fastnorm.functional.batch_norm(x, None, None, w, b, training=True)
+    torch.testing.assert_close(out, F.batch_norm(x, None, None, w, b, True))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_large_mean_is_stable(dtype, layout):
+    # Naive E[x^2] - E[x]^2 loses every digit here; two-pass/Welford keeps them. The
+    # reference is computed in extended precision: torch's float64 is not exact enough.
+    x = with_layout((torch.randn(16, 8, 32, 32, dtype=torch.float64) * 0.1 + 1e4).to(dtype), layout)
+    xl = x.double().numpy().astype(np.longdouble)
+    mean = xl.mean(axis=(0, 2, 3), keepdims=True)
+    var = ((xl - mean) ** 2).mean(axis=(0, 2, 3), keepdims=True)
+    ref = (xl - mean) / np.sqrt(var + np.longdouble(1e-5))
+
+    def err(y):
+        return float(np.abs(y.double().numpy() - ref).max())
+
+    ours = fastnorm.functional.batch_norm(x, None, None, training=True)
+    theirs = F.batch_norm(x, None, None, training=True)
+    assert err(ours) <= 2 * err(theirs) + 1e-12
+    _, ours_var = torch.ops.fastnorm.batch_norm_stats(x)
+    rel = np.abs(ours_var.double().numpy() - var.ravel()) / var.ravel()
+    assert float(rel.max()) < (1e-5 if dtype == torch.float32 else 1e-12)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_result_does_not_depend_on_thread_count(layout):
+    x = make_input((4, 6, 40, 41), torch.float32, layout, "cpu")
+    w, b, rm, rv = make_params(6, torch.float32, "cpu")
+    g = torch.randn_like(x)
+    threads = torch.get_num_threads()
+    results = []
+    for n in (1, 2):
+        torch.set_num_threads(n)
+        try:
+            results.append(run_functional(fastnorm.functional.batch_norm, x, w, b, rm, rv, g, True))
+        finally:
+            torch.set_num_threads(threads)
+    for a, b_ in zip(*results):
+        assert torch.equal(a, b_)
+
+
+def test_stats_op_matches_torch():
+    x = make_input((5, 7, 9, 11), torch.float32, "channels_last", "cpu")
+    mean, var = torch.ops.fastnorm.batch_norm_stats(x)
+    x64 = x.double()
+    torch.testing.assert_close(mean.double(), x64.mean(dim=(0, 2, 3)), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(var.double(), x64.var(dim=(0, 2, 3), unbiased=False), rtol=1e-5, atol=1e-6)
+    assert mean.dtype == torch.float32
+
+
+def test_empty_batch_leaves_running_stats():
+    bn = fastnorm.BatchNorm1d(3)
+    ref = torch.nn.BatchNorm1d(3)
+    x = torch.randn(0, 3, 4, requires_grad=True)
+    out = bn(x)
+    ref(x)
+    assert out.shape == x.shape
+    assert torch.equal(bn.running_mean, ref.running_mean) and torch.equal(bn.running_var, ref.running_var)
+    assert bn.num_batches_tracked.item() == ref.num_batches_tracked.item() == 1
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+# ---------------------------------------------------------------------------------------
+# Modules
+
+MODULES = [
+    (fastnorm.BatchNorm1d, torch.nn.BatchNorm1d, (6, 5)),
+    (fastnorm.BatchNorm1d, torch.nn.BatchNorm1d, (6, 5, 7)),
+    (fastnorm.BatchNorm2d, torch.nn.BatchNorm2d, (4, 5, 6, 7)),
+    (fastnorm.BatchNorm3d, torch.nn.BatchNorm3d, (2, 5, 3, 4, 5)),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("ours_cls,torch_cls,shape", MODULES)
+@pytest.mark.parametrize("momentum", [0.1, 0.5, None])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("track", [True, False])
+def test_module_training_steps_match_torch(device, ours_cls, torch_cls, shape, momentum, affine, track):
+    kw = dict(momentum=momentum, affine=affine, track_running_stats=track, device=device, dtype=torch.float64)
+    ours, ref = ours_cls(shape[1], **kw), torch_cls(shape[1], **kw)
+    if affine:
+        with torch.no_grad():
+            for m in (ours, ref):
+                m.weight.copy_(torch.linspace(0.5, 1.5, shape[1]))
+                m.bias.copy_(torch.linspace(-1, 1, shape[1]))
+    for step in range(3):
+        x = torch.randn(shape, dtype=torch.float64, device=device) * (step + 1) + step
+        xo, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+        yo, yr = ours(xo), ref(xr)
+        g = torch.randn_like(yo)
+        yo.backward(g)
+        yr.backward(g)
+        torch.testing.assert_close(yo, yr)
+        torch.testing.assert_close(xo.grad, xr.grad)
+        if affine:
+            torch.testing.assert_close(ours.weight.grad, ref.weight.grad)
+            torch.testing.assert_close(ours.bias.grad, ref.bias.grad)
+    for (k, a), (k2, b) in zip(ours.state_dict().items(), ref.state_dict().items()):
+        assert k == k2
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    ours.eval()
+    ref.eval()
+    x = torch.randn(shape, dtype=torch.float64, device=device)
+    torch.testing.assert_close(ours(x), ref(x))
+
+
+def test_module_is_a_drop_in():
+    ours, ref = fastnorm.BatchNorm2d(8), torch.nn.BatchNorm2d(8)
+    assert isinstance(ours, torch.nn.BatchNorm2d)
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in ref.named_parameters()]
+    assert repr(ours) == repr(ref)
+    assert "activation='relu'" in repr(fastnorm.BatchNorm2d(8, activation="relu"))
+    with pytest.raises(ValueError, match="activation"):
+        fastnorm.BatchNorm2d(8, activation="gelu")
+
+
+def test_checkpoints_load_both_ways():
+    ref = torch.nn.BatchNorm2d(4)
+    ref.train()
+    for _ in range(2):
+        ref(torch.randn(3, 4, 5, 5))
+    ours = fastnorm.BatchNorm2d(4)
+    ours.load_state_dict(ref.state_dict())
+    back = torch.nn.BatchNorm2d(4)
+    back.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 4, 5, 5)
+    for m in (ref, ours, back):
+        m.eval()
+    torch.testing.assert_close(ours(x), ref(x))
+    torch.testing.assert_close(back(x), ref(x))
+    # A checkpoint from before num_batches_tracked existed (state_dict version 1) still loads.
+    sd = ref.state_dict()
+    del sd["num_batches_tracked"]
+    sd._metadata[""]["version"] = 1
+    old = fastnorm.BatchNorm2d(4)
+    old.load_state_dict(sd)
+    assert old.num_batches_tracked.item() == 0
+
+
+def test_module_copies_and_pickles():
+    bn = fastnorm.BatchNorm2d(3, activation="leaky_relu", negative_slope=0.2)
+    bn(torch.randn(2, 3, 4, 4))
+    for clone in (copy.deepcopy(bn), pickle.loads(pickle.dumps(bn))):
+        assert type(clone) is fastnorm.BatchNorm2d and clone.negative_slope == 0.2
+        assert torch.equal(clone.running_mean, bn.running_mean)
+    buf = io.BytesIO()
+    torch.save(bn, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    x = torch.randn(2, 3, 4, 4)
+    bn.eval()
+    loaded.eval()
+    torch.testing.assert_close(loaded(x), bn(x))
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+def test_module_low_precision_input_float_params(dtype):
+    ours, ref = fastnorm.BatchNorm2d(5), torch.nn.BatchNorm2d(5)
+    x = torch.randn(4, 5, 6, 6).to(dtype).to(memory_format=torch.channels_last)
+    yo, yr = ours(x), ref(x)
+    y64 = torch.nn.BatchNorm2d(5, dtype=torch.float64)(x.double())
+    assert yo.dtype == dtype and ours.running_mean.dtype == torch.float32
+    assert yo.is_contiguous(memory_format=torch.channels_last)
+    assert_close_to_reference(yo, y64, dtype, yr, what="output")
+    torch.testing.assert_close(ours.running_var, ref.running_var, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+def test_low_precision_parameters(dtype):
+    """Parameters and running statistics may also be in the input's dtype."""
+    ours = fastnorm.BatchNorm2d(5, dtype=dtype)
+    ref = torch.nn.BatchNorm2d(5, dtype=dtype)
+    x = torch.randn(4, 5, 6, 6).to(dtype)
+    y64 = F.batch_norm(x.double(), None, None, training=True)
+    assert_close_to_reference(ours(x), y64, dtype, ref(x), what="output")
+    assert ours.running_mean.dtype == dtype
+    torch.testing.assert_close(ours.running_mean, ref.running_mean)
+    torch.testing.assert_close(ours.running_var, ref.running_var)
