@@ -21,6 +21,12 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtensio
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
+NVCC_FLAGS = [
+    "-O3", "--expt-relaxed-constexpr", "-lineinfo",
+    # A register spill in any kernel fails the build (tests/test_build.py shows it does).
+    "-Xptxas=--warn-on-spills,--warning-as-error",
+]
+
 
 def read_version():
     with open(os.path.join(ROOT, "fastnorm", "version.py")) as f:
@@ -73,6 +79,18 @@ def nvidia_wheel_includes():
     return dirs
 
 
+def cudart_library_dirs():
+    """Where the linker finds libcudart.so: torch's CUDA_HOME guess (from the nvcc on PATH)
+    can miss the toolkit's lib64 when nvcc is a wrapper script."""
+    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), CUDA_HOME, "/usr/local/cuda"]
+    for home in filter(None, homes):
+        for sub in ("lib64", "lib", "targets/x86_64-linux/lib", "targets/sbsa-linux/lib"):
+            d = os.path.join(home, sub)
+            if os.path.exists(os.path.join(d, "libcudart.so")):
+                return [d]
+    return []
+
+
 def cuda_arch_list():
     if os.environ.get("TORCH_CUDA_ARCH_LIST"):
         return os.environ["TORCH_CUDA_ARCH_LIST"]
@@ -104,12 +122,9 @@ def extension():
     macros.append(("FASTNORM_WITH_CUDA", None))
     macros.append(("FASTNORM_CUDA_ARCHS", f'"{os.environ.get("TORCH_CUDA_ARCH_LIST", "visible")}"'))
     sources += cuda_sources
-    nvcc = [
-        "-O3", "--expt-relaxed-constexpr", "-lineinfo",
-        # A register spill in any kernel fails the build (hot kernels must stay in registers).
-        "-Xptxas=--warn-on-spills,--warning-as-error",
-    ]
+    nvcc = list(NVCC_FLAGS)
     kwargs["include_dirs"] += nvidia_wheel_includes()
+    kwargs["library_dirs"] = cudart_library_dirs()
     return CUDAExtension("fastnorm._C", sources, define_macros=macros,
                          extra_compile_args={"cxx": cxx, "nvcc": nvcc}, **kwargs)
 

@@ -1,0 +1,313 @@
+// Host side of the batch-norm CUDA kernels: launch configuration, workspace and the
+// dispatch over dtype, activation, vector width and index width.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <algorithm>
+#include <map>
+#include <mutex>
+#include <utility>
+
+#include "batch_norm.h"
+#include "cuda/batch_norm_kernels.cuh"
+
+namespace fastnorm::cuda {
+namespace {
+
+// Last-block counters: zero when no kernel runs, kept per (device, stream) so that
+// kernels on different streams never share one. Allocated (zeroed) once, reused after.
+unsigned int* block_counters(int64_t n) {
+  static std::mutex mutex;
+  static std::map<std::pair<int, cudaStream_t>, at::Tensor> cache;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  std::lock_guard<std::mutex> lock(mutex);
+  at::Tensor& t = cache[{stream.device_index(), stream.stream()}];
+  if (!t.defined() || t.numel() < n) {
+    t = at::zeros({std::max<int64_t>(n, 1024)}, at::TensorOptions().dtype(at::kInt).device(at::kCUDA, stream.device_index()));
+  }
+  return reinterpret_cast<unsigned int*>(t.data_ptr<int>());
+}
+
+int multiprocessors() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+
+bool aligned16(const at::Tensor& t) {
+  return !t.defined() || reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+}
+
+template <typename T>
+T* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
+template <typename acc_t>
+ChannelInputs<acc_t> channel_inputs(const NormArgs& a) {
+  return {ptr_or_null<acc_t>(a.weight), ptr_or_null<acc_t>(a.bias), ptr_or_null<acc_t>(a.mean),
+          ptr_or_null<acc_t>(a.var), a.eps};
+}
+
+template <typename F>
+void with_activation(Activation act, F&& f) {
+  using A = Activation;
+  switch (act) {
+    case A::ReLU:
+      return f(std::integral_constant<A, A::ReLU>{});
+    case A::LeakyReLU:
+      return f(std::integral_constant<A, A::LeakyReLU>{});
+    case A::SiLU:
+      return f(std::integral_constant<A, A::SiLU>{});
+    default:
+      return f(std::integral_constant<A, A::None>{});
+  }
+}
+
+// Calls f(integral_constant<int, VEC>) with the 16-byte width when every tensor allows it
+// (16-byte aligned; for the channels-innermost reduction also C % VEC == 0), else 1.
+template <typename scalar_t, typename F>
+void with_vec(bool wide, F&& f) {
+  constexpr int V = vec_width<scalar_t>();
+  if (wide) {
+    f(std::integral_constant<int, V>{});
+  } else {
+    f(std::integral_constant<int, 1>{});
+  }
+}
+
+// Element-wise kernels index with 32 bits: f(first, count) per chunk of the flat tensor.
+constexpr int64_t kChunk = int64_t(1) << 30;
+
+template <typename F>
+void for_each_chunk(int64_t numel, F&& f) {
+  for (int64_t first = 0; first < numel; first += kChunk) f(first, std::min(kChunk, numel - first));
+}
+
+void check_32bit_sizes(const Layout& L) {
+  TORCH_CHECK(L.S < (int64_t(1) << 30) && L.C < (int64_t(1) << 30), "fastnorm.batch_norm (CUDA): spatial size ", L.S,
+              " and channel count ", L.C, " must each be below 2^30");
+}
+
+// ---------------------------------------------------------------------------------------
+// Reductions.
+
+// Runs the reduction of `op` over every channel, calling finish(c, total) once per channel.
+template <typename scalar_t, typename Op, typename Finish>
+void reduce(const NormArgs& a, const Op& op, const Finish& finish, std::initializer_list<at::Tensor> tensors) {
+  using State = typename Op::State;
+  using acc_t = typename Finish::acc_t;
+  const Layout& L = a.layout;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const int64_t target_blocks = int64_t(multiprocessors()) * 4;
+  bool aligned = true;
+  for (const auto& t : tensors) aligned = aligned && aligned16(t);
+  constexpr int V = vec_width<scalar_t>();
+  if (!L.channels_last) {
+    with_vec<scalar_t>(aligned, [&](auto vec) {
+      constexpr int VEC = decltype(vec)::value;
+      // Each plane is covered by `slots` packs (one more when it starts mid-pack).
+      const int64_t slots = (L.S + VEC - 1) / VEC + (VEC > 1 ? 1 : 0);
+      const int64_t items = L.N * slots;
+      TORCH_CHECK(items < (int64_t(1) << 31), "fastnorm.batch_norm (CUDA): too many values per channel (",
+                  L.count(), ")");
+      int64_t splits = std::clamp<int64_t>((target_blocks + L.C - 1) / L.C, 1,
+                                           std::max<int64_t>(1, items / (kThreads * 4)));
+      const int64_t per_split = (items + splits - 1) / splits;
+      splits = (items + per_split - 1) / per_split;
+      const int64_t grid_c = std::min<int64_t>(L.C, 65535);
+      at::Tensor ws = at::empty({L.C * splits * int64_t(sizeof(State))}, a.input.options().dtype(at::kByte));
+      unsigned int* counters = block_counters(L.C);
+      reduce_planar_kernel<VEC, scalar_t><<<dim3(splits, grid_c), kThreads, 0, stream>>>(
+          op, finish, L.C, L.S, uint32_t(items), uint32_t(per_split),
+          at::cuda::detail::IntDivider<uint32_t>(uint32_t(slots)), reinterpret_cast<State*>(ws.data_ptr()), counters);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    return;
+  }
+  const int64_t M = L.count();
+  with_vec<scalar_t>(aligned && L.C % V == 0, [&](auto vec) {
+    constexpr int VEC = decltype(vec)::value;
+    const int64_t channel_packs = (L.C + VEC - 1) / VEC;
+    int tx = 1;
+    while (tx < 32 && tx < channel_packs) tx *= 2;
+    const int ty = kThreads / tx;
+    const int64_t tiles = (channel_packs + tx - 1) / tx;
+    int64_t splits = std::clamp<int64_t>((target_blocks + tiles - 1) / tiles, 1,
+                                         std::max<int64_t>(1, M / (int64_t(ty) * 8)));
+    const int64_t rows_per_split = (M + splits - 1) / splits;
+    splits = (M + rows_per_split - 1) / rows_per_split;
+    TORCH_CHECK(tiles <= 65535, "fastnorm.batch_norm (CUDA): too many channels for one launch (", L.C, ")");
+    at::Tensor ws = at::empty({splits * L.C * int64_t(sizeof(State))}, a.input.options().dtype(at::kByte));
+    unsigned int* counters = block_counters(tiles);
+    const size_t smem = size_t(kThreads) * VEC * sizeof(State);
+    reduce_rows_kernel<VEC, scalar_t><<<dim3(splits, tiles), dim3(tx, ty), smem, stream>>>(
+        op, finish, M, L.C, rows_per_split, reinterpret_cast<State*>(ws.data_ptr()), counters);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+// ---------------------------------------------------------------------------------------
+// Element-wise passes.
+
+int64_t elementwise_blocks(int64_t work) {
+  return std::max<int64_t>(1, std::min<int64_t>((work + kThreads - 1) / kThreads, int64_t(multiprocessors()) * 8));
+}
+
+template <typename scalar_t, typename acc_t, Activation A>
+void normalize(const NormArgs& a, const at::Tensor& output, const ChannelCoef<acc_t>* coef, int64_t* nbt) {
+  const Layout& L = a.layout;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const int64_t numel = L.numel();
+  const int64_t walk_s = L.channels_last ? 1 : L.S;
+  check_32bit_sizes(L);
+  with_vec<scalar_t>(aligned16(a.input) && aligned16(a.residual) && aligned16(output), [&](auto vec) {
+    constexpr int VEC = decltype(vec)::value;
+    const scalar_t* res = ptr_or_null<scalar_t>(a.residual);
+    for_each_chunk(numel, [&](int64_t first, int64_t n) {
+      normalize_kernel<VEC, scalar_t, acc_t, A><<<elementwise_blocks(n / VEC + 1), kThreads, 0, stream>>>(
+          a.input.data_ptr<scalar_t>() + first, res ? res + first : nullptr, output.data_ptr<scalar_t>() + first,
+          uint32_t(n), ChannelWalk(walk_s, L.C, first), coef, acc_t(a.slope), first == 0 ? nbt : nullptr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+}
+
+template <typename scalar_t, typename acc_t, Activation A>
+GradOp<scalar_t, acc_t, A> grad_op(const BackwardArgs& a) {
+  const bool needs_z = activation_needs_z(a.act, a.slope);
+  const at::Tensor& v = needs_z ? a.residual : a.output;
+  return {a.input.data_ptr<scalar_t>(), a.grad_out.data_ptr<scalar_t>(),
+          A == Activation::None ? nullptr : ptr_or_null<scalar_t>(v), needs_z, acc_t(a.slope),
+          channel_inputs<acc_t>(a)};
+}
+
+template <typename scalar_t, typename acc_t, Activation A>
+void grad_input(const BackwardArgs& a, const ChannelCoef<acc_t>* coef) {
+  const Layout& L = a.layout;
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const int64_t numel = L.numel();
+  const int64_t walk_s = L.channels_last ? 1 : L.S;
+  check_32bit_sizes(L);
+  const auto op = grad_op<scalar_t, acc_t, A>(a);
+  const bool aligned = aligned16(a.input) && aligned16(a.grad_out) && aligned16(a.output) && aligned16(a.residual) &&
+                       aligned16(a.grad_input) && aligned16(a.grad_preact);
+  scalar_t* dx = ptr_or_null<scalar_t>(a.grad_input);
+  scalar_t* dz = ptr_or_null<scalar_t>(a.grad_preact);
+  with_vec<scalar_t>(aligned, [&](auto vec) {
+    constexpr int VEC = decltype(vec)::value;
+    for_each_chunk(numel, [&](int64_t first, int64_t n) {
+      auto chunk = op;
+      chunk.x += first;
+      chunk.dy += first;
+      if (chunk.v) chunk.v += first;
+      grad_input_kernel<VEC, scalar_t, acc_t, A><<<elementwise_blocks(n / VEC + 1), kThreads, 0, stream>>>(
+          chunk, dx ? dx + first : nullptr, dz ? dz + first : nullptr, uint32_t(n), ChannelWalk(walk_s, L.C, first),
+          coef);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+}
+
+template <typename acc_t>
+void coefficients(const NormArgs& a, bool backward, bool training, const at::Tensor& mean_dz,
+                  const at::Tensor& mean_dz_xmu, ChannelCoef<acc_t>* coef) {
+  const int64_t C = a.layout.C;
+  const int blocks = int(std::min<int64_t>((C + kThreads - 1) / kThreads, 1024));
+  coef_kernel<acc_t><<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      channel_inputs<acc_t>(a), backward, training, ptr_or_null<acc_t>(mean_dz), ptr_or_null<acc_t>(mean_dz_xmu), C,
+      coef);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// Calls f(scalar_t{}, acc_t{}, integral_constant<Activation>).
+template <typename F>
+void dispatch(const NormArgs& a, F&& f) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.input.scalar_type(), "fastnorm_batch_norm_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    with_activation(a.act, [&](auto A) { f(scalar_t{}, acc_t{}, A); });
+  });
+}
+
+}  // namespace
+
+void batch_norm_stats(const NormArgs& a) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.input.scalar_type(), "fastnorm_batch_norm_stats_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const StatsReduce<scalar_t, acc_t> op{{a.input.data_ptr<scalar_t>()}};
+    const StatsFinish<acc_t> finish{a.mean.data_ptr<acc_t>(), a.var.data_ptr<acc_t>()};
+    reduce<scalar_t>(a, op, finish, {a.input});
+  });
+}
+
+void batch_norm_train(const TrainArgs& a) {
+  dispatch(a, [&](auto s, auto acc, auto A) {
+    using scalar_t = decltype(s);
+    using acc_t = decltype(acc);
+    at::Tensor coef = at::empty({a.layout.C * int64_t(sizeof(ChannelCoef<acc_t>))}, a.input.options().dtype(at::kByte));
+    auto* k = reinterpret_cast<ChannelCoef<acc_t>*>(coef.data_ptr());
+    int64_t* nbt = ptr_or_null<int64_t>(a.num_batches_tracked);
+    const StatsReduce<scalar_t, acc_t> op{{a.input.data_ptr<scalar_t>()}};
+    const TrainFinish<acc_t> finish{channel_inputs<acc_t>(a), a.mean.data_ptr<acc_t>(), a.var.data_ptr<acc_t>(),
+                                    ptr_or_null<acc_t>(a.running_mean), ptr_or_null<acc_t>(a.running_var), nbt,
+                                    a.momentum, a.cumulative, k};
+    reduce<scalar_t>(a, op, finish, {a.input});
+    normalize<scalar_t, acc_t, decltype(A)::value>(a, a.output, k, nbt);
+  });
+}
+
+void batch_norm_elemt(const NormArgs& a, const at::Tensor& output) {
+  dispatch(a, [&](auto s, auto acc, auto A) {
+    using scalar_t = decltype(s);
+    using acc_t = decltype(acc);
+    at::Tensor coef = at::empty({a.layout.C * int64_t(sizeof(ChannelCoef<acc_t>))}, a.input.options().dtype(at::kByte));
+    auto* k = reinterpret_cast<ChannelCoef<acc_t>*>(coef.data_ptr());
+    coefficients<acc_t>(a, false, false, at::Tensor(), at::Tensor(), k);
+    normalize<scalar_t, acc_t, decltype(A)::value>(a, output, k, nullptr);
+  });
+}
+
+void batch_norm_backward(const BackwardArgs& a) {
+  dispatch(a, [&](auto s, auto acc, auto A) {
+    using scalar_t = decltype(s);
+    using acc_t = decltype(acc);
+    constexpr Activation act = decltype(A)::value;
+    at::Tensor coef = at::empty({a.layout.C * int64_t(sizeof(ChannelCoef<acc_t>))}, a.input.options().dtype(at::kByte));
+    auto* k = reinterpret_cast<ChannelCoef<acc_t>*>(coef.data_ptr());
+    const bool want_params = a.grad_weight.defined() || a.grad_bias.defined();
+    const bool want_elemt = a.grad_input.defined() || a.grad_preact.defined();
+    if (want_params || (a.training && a.grad_input.defined())) {
+      const GradReduce<scalar_t, acc_t, act> op{grad_op<scalar_t, acc_t, act>(a)};
+      const GradFinish<acc_t> finish{channel_inputs<acc_t>(a), a.training, acc_t(a.layout.count()),
+                                     ptr_or_null<acc_t>(a.grad_weight), ptr_or_null<acc_t>(a.grad_bias), k};
+      reduce<scalar_t>(a, op, finish, {a.input, a.grad_out, a.output, a.residual});
+    } else {
+      coefficients<acc_t>(a, true, a.training, at::Tensor(), at::Tensor(), k);
+    }
+    if (want_elemt) grad_input<scalar_t, acc_t, act>(a, k);
+  });
+}
+
+void batch_norm_backward_reduce(const BackwardArgs& a) {
+  dispatch(a, [&](auto s, auto acc, auto A) {
+    using scalar_t = decltype(s);
+    using acc_t = decltype(acc);
+    constexpr Activation act = decltype(A)::value;
+    const GradReduce<scalar_t, acc_t, act> op{grad_op<scalar_t, acc_t, act>(a)};
+    const SumsFinish<acc_t> finish{a.sum_dz.data_ptr<acc_t>(), a.sum_dz_xmu.data_ptr<acc_t>()};
+    reduce<scalar_t>(a, op, finish, {a.input, a.grad_out, a.output, a.residual});
+  });
+}
+
+void batch_norm_backward_elemt(const BackwardArgs& a) {
+  dispatch(a, [&](auto s, auto acc, auto A) {
+    using scalar_t = decltype(s);
+    using acc_t = decltype(acc);
+    at::Tensor coef = at::empty({a.layout.C * int64_t(sizeof(ChannelCoef<acc_t>))}, a.input.options().dtype(at::kByte));
+    auto* k = reinterpret_cast<ChannelCoef<acc_t>*>(coef.data_ptr());
+    coefficients<acc_t>(a, true, true, a.mean_dz, a.mean_dz_xmu, k);
+    grad_input<scalar_t, acc_t, decltype(A)::value>(a, k);
+  });
+}
+
+}  // namespace fastnorm::cuda

@@ -1,0 +1,119 @@
+"""CUDA-only behaviour (the shared matrix in test_batch_norm.py also runs on CUDA): mixed
+devices, unaligned and odd-sized tensors (the scalar paths), many channels, CUDA graphs,
+concurrent streams, and tensors past 2^31 values."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastnorm
+from conftest import assert_close_to_reference
+
+pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and fastnorm.backends()["cuda"]),
+                                reason="needs a GPU and the CUDA kernels")
+
+
+def compare_train(x, w, b, dtype=torch.float32, residual=None, activation=None):
+    """fastnorm on CUDA against torch in float64 on the same values, forward and backward."""
+    rm, rv = torch.zeros(x.shape[1], device=x.device), torch.ones(x.shape[1], device=x.device)
+    xo = x.detach().clone().requires_grad_()
+    out = fastnorm.functional.batch_norm(xo, rm, rv, w, b, training=True, residual=residual, activation=activation)
+    g = torch.randn_like(out)
+    out.backward(g)
+    x64 = x.detach().double().requires_grad_()
+    ref = F.batch_norm(x64, None, None, w.double(), b.double(), True)
+    if residual is not None:
+        ref = ref + residual.double()
+    ref = fastnorm.reference.activate(ref, activation)
+    ref.backward(g.double())
+    assert_close_to_reference(out, ref, dtype, what="output")
+    assert_close_to_reference(xo.grad, x64.grad, dtype, what="grad input")
+    rv_ref = x.double().transpose(0, 1).reshape(x.shape[1], -1).var(dim=1, unbiased=True) * 0.1 + 0.9
+    torch.testing.assert_close(rv.double(), rv_ref, rtol=1e-4, atol=1e-5)
+
+
+def test_mixed_devices_raise():
+    x = torch.randn(4, 3, 5, device="cuda")
+    with pytest.raises(RuntimeError, match="weight on the input's device cuda"):
+        fastnorm.functional.batch_norm(x, None, None, torch.ones(3), None, training=True)
+    rm = torch.zeros(3)
+    rv = torch.ones(3)
+    with pytest.raises(RuntimeError, match="running_mean on the input's device"):
+        fastnorm.functional.batch_norm(x, rm, rv, training=True)
+    assert torch.equal(rm, torch.zeros(3))
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 49), (3, 5, 7, 7), (2, 3, 1), (1025, 3), (2, 70000, 3), (5, 13, 3)])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_odd_sizes_and_many_channels(shape, layout):
+    x = torch.randn(shape, device="cuda") * 3 + 1
+    if layout == "channels_last":
+        x = x.permute(0, *range(2, x.dim()), 1).contiguous().permute(0, x.dim() - 1, *range(1, x.dim() - 1))
+    w, b = torch.randn(shape[1], device="cuda"), torch.randn(shape[1], device="cuda")
+    compare_train(x, w, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unaligned_tensors_take_the_scalar_path(dtype):
+    base = torch.randn(4 * 8 * 33 + 1, device="cuda").to(dtype)
+    x = base[1:].view(4, 8, 33)  # storage offset of one element: not 16-byte aligned
+    w, b = torch.randn(8, device="cuda"), torch.randn(8, device="cuda")
+    r = torch.randn(4 * 8 * 33 + 1, device="cuda").to(dtype)[1:].view(4, 8, 33)
+    compare_train(x, w, b, dtype, residual=r, activation="relu")
+
+
+def test_cuda_graph_capture():
+    bn = fastnorm.BatchNorm2d(16, activation="silu").cuda()
+    ref = fastnorm.BatchNorm2d(16, activation="silu").cuda()
+    ref.load_state_dict(bn.state_dict())
+    x = torch.randn(8, 16, 12, 12, device="cuda", requires_grad=True)
+    g = torch.randn(8, 16, 12, 12, device="cuda")
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm-up on a side stream, as capture requires
+        for _ in range(2):
+            bn(x).backward(g)
+    torch.cuda.current_stream().wait_stream(s)
+    for _ in range(2):
+        ref(x).backward(g)
+    graph = torch.cuda.CUDAGraph()
+    x.grad = None
+    with torch.cuda.graph(graph):
+        y = bn(x)
+        y.backward(g)
+    graph.replay()
+    torch.cuda.synchronize()
+    x_eager = x.detach().clone().requires_grad_()
+    y_ref = ref(x_eager)
+    y_ref.backward(g)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(x.grad, x_eager.grad)
+    torch.testing.assert_close(bn.running_mean, ref.running_mean)
+    assert bn.num_batches_tracked.item() == ref.num_batches_tracked.item()
+
+
+def test_concurrent_streams():
+    xs = [torch.randn(16, 32, 20, 20, device="cuda") * (i + 1) for i in range(4)]
+    streams = [torch.cuda.Stream() for _ in xs]
+    outs = [None] * len(xs)
+    torch.cuda.synchronize()
+    for i, (x, s) in enumerate(zip(xs, streams)):
+        with torch.cuda.stream(s):
+            outs[i] = fastnorm.functional.batch_norm(x, None, None, training=True)
+    torch.cuda.synchronize()
+    for x, out in zip(xs, outs):
+        torch.testing.assert_close(out, F.batch_norm(x, None, None, training=True), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", [(3, 4, 2**28), (2**31 // 64 + 3, 64)], ids=["planar", "rows"])
+def test_more_than_2_pow_31_values(shape):
+    """int64 offsets and chunked 32-bit element-wise launches (about 16 GiB of GPU memory)."""
+    if torch.cuda.mem_get_info()[0] < 20 * 2**30:
+        pytest.skip("needs about 20 GiB of free GPU memory")
+    x = torch.randn(shape, dtype=torch.bfloat16, device="cuda")
+    assert x.numel() > 2**31
+    out = fastnorm.functional.batch_norm(x, None, None, training=True)
+    for c in range(shape[1]):
+        v = out[:, c].float()
+        assert abs(v.mean().item()) < 1e-2 and abs(v.var().item() - 1) < 2e-2, c
+    assert torch.isfinite(out[-1].float()).all() and out[-1].float().abs().max().item() > 0

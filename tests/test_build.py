@@ -1,0 +1,109 @@
+"""The build: what it contains, its command line, and the nvcc spill check."""
+import ast
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastnorm
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OPS = ["batch_norm_stats", "batch_norm_train", "batch_norm_elemt", "batch_norm_backward",
+       "batch_norm_backward_reduce", "batch_norm_backward_elemt"]
+
+
+def test_version_and_backends():
+    from fastnorm.version import __version__
+
+    assert fastnorm.__version__ == __version__
+    b = fastnorm.backends()
+    assert b["cpu"] is True and b["cpu_capability"] in ("DEFAULT", "AVX2", "AVX512")
+    assert b["cuda"] == (b["cuda_compiled"] and torch.cuda.is_available())
+    for op in OPS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastnorm::{op}", "CPU")
+
+
+@pytest.mark.skipif(torch.version.cuda is None or shutil.which("nvcc") is None
+                    or os.environ.get("FASTNORM_FORCE_CPU") == "1",
+                    reason="needs a CUDA build of torch and nvcc")
+def test_cuda_build_contains_the_cuda_kernels():
+    b = fastnorm.backends()
+    assert b["cuda_compiled"], "torch is a CUDA build and nvcc exists, but the CUDA kernels were not built"
+    assert set(b["cuda_arch"]) >= {"8.0", "9.0"} or os.environ.get("TORCH_CUDA_ARCH_LIST")
+    for op in OPS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastnorm::{op}", "CUDA"), op
+
+
+def _nvcc_flags():
+    tree = ast.parse(open(os.path.join(ROOT, "setup.py")).read())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", None) == "NVCC_FLAGS":
+            return ast.literal_eval(node.value)
+    raise AssertionError("setup.py has no NVCC_FLAGS")
+
+
+SPILLING = r"""
+// 64 values live at once with at most 32 registers per thread: ptxas must spill.
+__global__ void __launch_bounds__(1024, 2) spills(float* out, const float* in) {
+  float v[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) v[i] = in[threadIdx.x + i * 1024];
+  float s = 0;
+#pragma unroll
+  for (int i = 0; i < 64; ++i)
+#pragma unroll
+    for (int j = 0; j < 64; ++j) s += v[i] * v[j] * float(i ^ j);
+  out[threadIdx.x] = s;
+}
+"""
+FITTING = r"""
+__global__ void __launch_bounds__(256) fits(float* out, const float* in) { out[threadIdx.x] = 2 * in[threadIdx.x]; }
+"""
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc")
+def test_nvcc_flags_fail_the_build_on_register_spills(tmp_path):
+    flags = _nvcc_flags()
+    assert any("--warn-on-spills" in f and "--warning-as-error" in f for f in flags)
+
+    def compile(src):
+        path = tmp_path / "k.cu"
+        path.write_text(src)
+        return subprocess.run(["nvcc", *flags, "-arch=sm_80", "-c", str(path), "-o", str(tmp_path / "k.o")],
+                              capture_output=True, text=True, timeout=300)
+
+    ok = compile(FITTING)
+    assert ok.returncode == 0, ok.stderr
+    spilled = compile(SPILLING)
+    assert spilled.returncode != 0 and "spill" in spilled.stderr.lower(), spilled.stderr
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, "-m", "fastnorm", *args], capture_output=True, text=True, timeout=600,
+                          cwd=ROOT)
+
+
+def test_info_command():
+    r = _run("info")
+    assert r.returncode == 0, r.stderr
+    assert f"fastnorm {fastnorm.__version__}" in r.stdout and "backends:" in r.stdout
+
+
+def test_check_command():
+    r = _run("check")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "configurations match torch" in r.stdout
+
+
+def test_bench_quick_smoke(tmp_path):
+    out = tmp_path / "bench.json"
+    r = _run("bench", "--quick", "--device", "cpu", "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    import json
+
+    data = json.loads(out.read_text())
+    assert data["results"] and all(res["ms"]["fastnorm fwd"] > 0 for res in data["results"])
+    assert "x vs torch fwd" in r.stdout
