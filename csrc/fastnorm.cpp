@@ -44,6 +44,15 @@ TORCH_LIBRARY(fastnorm, m) {
       "batch_norm_backward_elemt(Tensor grad_out, Tensor input, Tensor mean, Tensor var, Tensor? weight, "
       "Tensor? bias, Tensor? residual, Tensor? output, Tensor mean_dz, Tensor mean_dz_xmu, float eps, "
       "int activation, float negative_slope, bool preact_grad) -> (Tensor grad_input, Tensor grad_preact)");
+
+  // Weight norm: w = g * v / sqrt(sum(v^2) + eps), the sum over every dimension but dim
+  // (dim -1: the whole tensor). norm is sqrt(sum(v^2) + eps) per slice, float32 (float64
+  // for float64 v).
+  m.def("weight_norm(Tensor v, Tensor g, int dim, float eps) -> (Tensor w, Tensor norm)");
+  m.def(
+      "weight_norm_backward(Tensor grad_w, Tensor v, Tensor g, Tensor norm, int dim) -> "
+      "(Tensor grad_v, Tensor grad_g)");
+  m.def("weight_norm_norms(Tensor v, int dim, float eps) -> Tensor norm");
 }
 
 namespace {

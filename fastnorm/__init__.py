@@ -2,7 +2,10 @@
 from .version import __version__
 from . import _ops
 from . import functional
-from .batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from .batchnorm import (BatchNorm1d, BatchNorm2d, BatchNorm3d, MeanOnlyBatchNorm1d, MeanOnlyBatchNorm2d,
+                        MeanOnlyBatchNorm3d)
+from .weight_norm import data_dependent_init, remove_weight_norm, weight_norm
+from . import reference
 
 
 def backends():
@@ -31,4 +34,10 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "MeanOnlyBatchNorm1d",
+    "MeanOnlyBatchNorm2d",
+    "MeanOnlyBatchNorm3d",
+    "weight_norm",
+    "remove_weight_norm",
+    "data_dependent_init",
 ]

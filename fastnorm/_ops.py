@@ -111,3 +111,52 @@ def _backward_reduce_fake(grad_out, input, mean, var, weight, bias, residual, ou
 def _backward_elemt_fake(grad_out, input, mean, var, weight, bias, residual, output, mean_dz,
                          mean_dz_xmu, eps, activation, negative_slope, preact_grad):
     return dense_like(input), dense_like(input) if preact_grad else _empty(input)
+
+
+def _is_dense(t):
+    try:
+        from torch._prims_common import is_non_overlapping_and_dense
+    except ImportError:  # pragma: no cover
+        return t.is_contiguous()
+    return is_non_overlapping_and_dense(t)
+
+
+def wn_dense_like(v, dim):
+    """An empty tensor in the layout of weight_norm's full-size outputs (mirrors dense_view
+    in csrc/weight_norm.cpp: dim 0 with each slice a block of memory keeps v's layout)."""
+    numel = v.numel()
+    slice_blocks = dim == 0 and (v.size(0) <= 1 or v.stride(0) * v.size(0) == numel)
+    if (dim == -1 or slice_blocks) and _is_dense(v):
+        return torch.empty_like(v)
+    return torch.empty_like(v, memory_format=torch.contiguous_format)
+
+
+def _wn_slices(v, dim):
+    return 1 if dim == -1 else v.shape[dim]
+
+
+@torch.library.register_fake("fastnorm::weight_norm")
+def _weight_norm_fake(v, g, dim, eps):
+    _check_devices("weight_norm", v, g=g)
+    return wn_dense_like(v, dim), v.new_empty(_wn_slices(v, dim), dtype=acc_dtype(v.dtype))
+
+
+@torch.library.register_fake("fastnorm::weight_norm_backward")
+def _weight_norm_backward_fake(grad_w, v, g, norm, dim):
+    _check_devices("weight_norm_backward", v, grad_w=grad_w, g=g, norm=norm)
+    return wn_dense_like(v, dim), torch.empty_like(g, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("fastnorm::weight_norm_norms")
+def _weight_norm_norms_fake(v, dim, eps):
+    return v.new_empty(_wn_slices(v, dim), dtype=acc_dtype(v.dtype))
+
+
+def wn_dim(v, dim):
+    """torch's convention: None and -1 take the norm over the whole tensor; other negative
+    dims count from the end."""
+    if dim is None or dim == -1:
+        return -1
+    if not -v.dim() <= dim < v.dim():
+        raise IndexError(f"weight_norm: dim {dim} is out of range for a weight of {v.dim()} dimensions")
+    return dim % v.dim()

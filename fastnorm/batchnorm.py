@@ -67,3 +67,110 @@ class BatchNorm2d(_FastBatchNorm, torch.nn.BatchNorm2d):
 
 class BatchNorm3d(_FastBatchNorm, torch.nn.BatchNorm3d):
     __doc__ = _DOC.format(name="BatchNorm3d", shapes="(N, C, D, H, W)")
+
+
+# ---------------------------------------------------------------------------------------
+# Mean-only batch normalization (Salimans & Kingma, 2016): y = x - mean + bias, the batch
+# mean in training (a running mean tracked for evaluation), no variance. Built on the
+# batch-norm ops with a unit variance and eps 0, so that their scale is exactly 1.
+
+class _MeanOnly(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, input, bias, running_mean, num_batches_tracked, use_batch_stats, momentum):
+        from ._ops import acc_dtype, ops
+
+        C = input.shape[1]
+        ones = input.new_ones(C, dtype=acc_dtype(input.dtype))
+        if use_batch_stats:
+            mean, _ = ops.batch_norm_stats(input)
+            if running_mean is not None and num_batches_tracked is not None:
+                num_batches_tracked.add_(1)
+                # momentum=None: the cumulative average, 1 / num_batches_tracked (kept on the device)
+                factor = num_batches_tracked.reciprocal().to(running_mean.dtype) if momentum is None else momentum
+                running_mean.lerp_(mean.to(running_mean.dtype), factor)
+        else:
+            mean = running_mean.to(ones.dtype)
+        out = ops.batch_norm_elemt(input, mean, ones, None, bias, None, 0.0, 0, 0.0)
+        ctx.use_batch_stats = use_batch_stats
+        ctx.save_for_backward(input, mean, ones)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        from ._ops import ops
+
+        input, mean, ones = ctx.saved_tensors
+        dims = [0] + list(range(2, input.dim()))
+        sum_dz = grad_out.sum(dim=dims, dtype=ones.dtype)
+        count = input.numel() // max(input.shape[1], 1)
+        mean_dz = sum_dz / count if ctx.use_batch_stats else torch.zeros_like(sum_dz)
+        grad_in = None
+        if ctx.needs_input_grad[0]:
+            grad_in, _ = ops.batch_norm_backward_elemt(grad_out, input, mean, ones, None, None, None, None, mean_dz,
+                                                       torch.zeros_like(sum_dz), 0.0, 0, 0.0, False)
+        grad_bias = sum_dz if ctx.needs_input_grad[1] else None
+        return grad_in, grad_bias, None, None, None, None
+
+
+class _MeanOnlyBatchNorm(torch.nn.Module):
+    """Subtracts the batch mean per channel (the running mean in evaluation) and adds a
+    learned bias: Salimans & Kingma's companion to weight normalization."""
+
+    _expected_dims = ()
+
+    def __init__(self, num_features, momentum=0.1, affine=True, track_running_stats=True, device=None, dtype=None):
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.num_features = num_features
+        self.momentum = momentum
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        self.bias = torch.nn.Parameter(torch.zeros(num_features, **factory)) if affine else None
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+            self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("num_batches_tracked", None)
+
+    def _check_input_dim(self, input):
+        if input.dim() not in self._expected_dims:
+            raise ValueError(f"expected {' or '.join(f'{d}D' for d in self._expected_dims)} input "
+                             f"(got {input.dim()}D input)")
+        if input.shape[1] != self.num_features:
+            raise ValueError(f"expected {self.num_features} channels (input.size(1)), got input of shape "
+                             f"{list(input.shape)}")
+
+    def forward(self, input):
+        self._check_input_dim(input)
+        use_batch_stats = self.training or self.running_mean is None
+        track = self.training and self.track_running_stats
+        if use_batch_stats:
+            count = input.numel() // max(input.shape[1], 1)
+            if count < 1:
+                raise ValueError(f"expected at least 1 value per channel, got input of shape {list(input.shape)}")
+        use_running = not self.training or self.track_running_stats
+        return _MeanOnly.apply(input, self.bias, self.running_mean if use_running else None,
+                               self.num_batches_tracked if track else None, use_batch_stats, self.momentum)
+
+    def extra_repr(self):
+        return (f"{self.num_features}, momentum={self.momentum}, affine={self.affine}, "
+                f"track_running_stats={self.track_running_stats}")
+
+
+class MeanOnlyBatchNorm1d(_MeanOnlyBatchNorm):
+    """Mean-only batch norm for (N, C) or (N, C, L) input."""
+
+    _expected_dims = (2, 3)
+
+
+class MeanOnlyBatchNorm2d(_MeanOnlyBatchNorm):
+    """Mean-only batch norm for (N, C, H, W) input."""
+
+    _expected_dims = (4,)
+
+
+class MeanOnlyBatchNorm3d(_MeanOnlyBatchNorm):
+    """Mean-only batch norm for (N, C, D, H, W) input."""
+
+    _expected_dims = (5,)

@@ -1,7 +1,7 @@
-"""Functional API: fastnorm.functional.batch_norm (and, later, weight_norm)."""
+"""Functional API: fastnorm.functional.batch_norm and fastnorm.functional.weight_norm."""
 import torch
 
-from ._ops import activation_code, ops
+from ._ops import activation_code, ops, wn_dim
 
 
 def _verify_batch_size(size):
@@ -47,3 +47,17 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
         raise TypeError(f"batch_norm: input must be a Tensor, got {type(input).__name__}")
     return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
                        residual, activation, negative_slope)
+
+
+def weight_norm(v, g, dim=0, *, eps=0.0):
+    """The weight-norm reparametrization ``w = g * v / ||v||``, the norm taken over every
+    dimension but ``dim``; ``dim=None`` (or -1, torch's convention) takes it over the whole
+    tensor. With ``eps=0`` this is ``torch._weight_norm`` (a zero-norm slice gives NaN, as
+    there); ``eps > 0`` is added under the square root, ``||v|| = sqrt(sum(v^2) + eps)``,
+    which keeps such slices finite. Norms accumulate in float32 (float64 for float64 v); the
+    result keeps v's dtype and, for dim 0, its memory format.
+    """
+    if not isinstance(v, torch.Tensor) or not isinstance(g, torch.Tensor):
+        raise TypeError("weight_norm: v and g must be Tensors")
+    w, _ = ops.weight_norm(v, g, wn_dim(v, dim), float(eps))
+    return w

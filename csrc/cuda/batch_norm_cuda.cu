@@ -8,9 +8,12 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
+#include <ATen/cuda/CUDAGraphsUtils.cuh>
+
 #include <map>
 #include <mutex>
 #include <utility>
+#include <vector>
 
 #include "batch_norm.h"
 #include "cuda/batch_norm_kernels.cuh"
@@ -18,18 +21,24 @@
 namespace fastnorm::cuda {
 namespace {
 
-// Last-block counters: zero when no kernel runs, kept per (device, stream) so that
-// kernels on different streams never share one. Allocated (zeroed) once, reused after.
-unsigned int* block_counters(int64_t n) {
-  static std::mutex mutex;
-  static std::map<std::pair<int, cudaStream_t>, at::Tensor> cache;
+// Last-block counters: zero when no kernel runs (each reduction leaves them at zero), kept
+// per (device, stream) so that kernels on different streams never share one. Allocated
+// (zeroed) once per stream and never freed, so a pointer handed out stays valid. While a
+// CUDA graph is being captured the counters belong to the call instead: zeroed by a
+// captured memset, so every replay starts from zero.
+unsigned int* block_counters(int64_t n, at::Tensor& call_owned) {
   const auto stream = at::cuda::getCurrentCUDAStream();
-  std::lock_guard<std::mutex> lock(mutex);
-  at::Tensor& t = cache[{stream.device_index(), stream.stream()}];
-  if (!t.defined() || t.numel() < n) {
-    t = at::zeros({std::max<int64_t>(n, 1024)}, at::TensorOptions().dtype(at::kInt).device(at::kCUDA, stream.device_index()));
+  const auto opts = at::TensorOptions().dtype(at::kInt).device(at::kCUDA, stream.device_index());
+  if (at::cuda::currentStreamCaptureStatusMayInitCtx() != at::cuda::CaptureStatus::None) {
+    call_owned = at::zeros({n}, opts);
+    return reinterpret_cast<unsigned int*>(call_owned.data_ptr<int>());
   }
-  return reinterpret_cast<unsigned int*>(t.data_ptr<int>());
+  static std::mutex mutex;
+  static std::map<std::pair<int, cudaStream_t>, std::vector<at::Tensor>> cache;
+  std::lock_guard<std::mutex> lock(mutex);
+  auto& arrays = cache[{stream.device_index(), stream.stream()}];
+  if (arrays.empty() || arrays.back().numel() < n) arrays.push_back(at::zeros({std::max<int64_t>(n, 1024)}, opts));
+  return reinterpret_cast<unsigned int*>(arrays.back().data_ptr<int>());
 }
 
 int multiprocessors() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
@@ -117,9 +126,10 @@ void reduce(const NormArgs& a, const Op& op, const Finish& finish, std::initiali
       splits = (items + per_split - 1) / per_split;
       const int64_t grid_c = std::min<int64_t>(L.C, 65535);
       at::Tensor ws = at::empty({L.C * splits * int64_t(sizeof(State))}, a.input.options().dtype(at::kByte));
-      unsigned int* counters = block_counters(L.C);
+      at::Tensor captured;
+      unsigned int* counters = block_counters(L.C, captured);
       reduce_planar_kernel<VEC, scalar_t><<<dim3(splits, grid_c), kThreads, 0, stream>>>(
-          op, finish, L.C, L.S, uint32_t(items), uint32_t(per_split),
+          op, finish, L.C, L.S, L.numel(), uint32_t(items), uint32_t(per_split),
           at::cuda::detail::IntDivider<uint32_t>(uint32_t(slots)), reinterpret_cast<State*>(ws.data_ptr()), counters);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
@@ -139,7 +149,8 @@ void reduce(const NormArgs& a, const Op& op, const Finish& finish, std::initiali
     splits = (M + rows_per_split - 1) / rows_per_split;
     TORCH_CHECK(tiles <= 65535, "fastnorm.batch_norm (CUDA): too many channels for one launch (", L.C, ")");
     at::Tensor ws = at::empty({splits * L.C * int64_t(sizeof(State))}, a.input.options().dtype(at::kByte));
-    unsigned int* counters = block_counters(tiles);
+    at::Tensor captured;
+    unsigned int* counters = block_counters(tiles, captured);
     const size_t smem = size_t(kThreads) * VEC * sizeof(State);
     reduce_rows_kernel<VEC, scalar_t><<<dim3(splits, tiles), dim3(tx, ty), smem, stream>>>(
         op, finish, M, L.C, rows_per_split, reinterpret_cast<State*>(ws.data_ptr()), counters);
@@ -160,7 +171,6 @@ void normalize(const NormArgs& a, const at::Tensor& output, const ChannelCoef<ac
   const auto stream = at::cuda::getCurrentCUDAStream();
   const int64_t numel = L.numel();
   const int64_t walk_s = L.channels_last ? 1 : L.S;
-  check_32bit_sizes(L);
   with_vec<scalar_t>(aligned16(a.input) && aligned16(a.residual) && aligned16(output), [&](auto vec) {
     constexpr int VEC = decltype(vec)::value;
     const scalar_t* res = ptr_or_null<scalar_t>(a.residual);
@@ -188,7 +198,6 @@ void grad_input(const BackwardArgs& a, const ChannelCoef<acc_t>* coef) {
   const auto stream = at::cuda::getCurrentCUDAStream();
   const int64_t numel = L.numel();
   const int64_t walk_s = L.channels_last ? 1 : L.S;
-  check_32bit_sizes(L);
   const auto op = grad_op<scalar_t, acc_t, A>(a);
   const bool aligned = aligned16(a.input) && aligned16(a.grad_out) && aligned16(a.output) && aligned16(a.residual) &&
                        aligned16(a.grad_input) && aligned16(a.grad_preact);
@@ -220,9 +229,11 @@ void coefficients(const NormArgs& a, bool backward, bool training, const at::Ten
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Calls f(scalar_t{}, acc_t{}, integral_constant<Activation>).
+// Calls f(scalar_t{}, acc_t{}, integral_constant<Activation>), after the size checks that
+// must pass before any kernel writes anything.
 template <typename F>
 void dispatch(const NormArgs& a, F&& f) {
+  check_32bit_sizes(a.layout);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.input.scalar_type(), "fastnorm_batch_norm_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     with_activation(a.act, [&](auto A) { f(scalar_t{}, acc_t{}, A); });

@@ -179,6 +179,7 @@ __device__ __forceinline__ bool last_block_done(unsigned int* counter, unsigned 
   __syncthreads();
   if (thread_rank() == 0) last = atomicInc(counter, blocks - 1) == blocks - 1;
   __syncthreads();
+  if (last) __threadfence();  // and the other blocks' partials are read after their count
   return last;
 }
 
@@ -189,9 +190,9 @@ __device__ __forceinline__ bool last_block_done(unsigned int* counter, unsigned 
 // finish(c, total).
 template <int VEC, typename scalar_t, typename Op, typename Finish>
 __global__ void __launch_bounds__(kThreads)
-    reduce_planar_kernel(Op op, Finish finish, int64_t C, int64_t S, uint32_t items, uint32_t items_per_split,
-                         at::cuda::detail::IntDivider<uint32_t> div_slots, typename Op::State* ws,
-                         unsigned int* counters) {
+    reduce_planar_kernel(Op op, Finish finish, int64_t C, int64_t S, int64_t numel, uint32_t items,
+                         uint32_t items_per_split, at::cuda::detail::IntDivider<uint32_t> div_slots,
+                         typename Op::State* ws, unsigned int* counters) {
   using State = typename Op::State;
   __shared__ State shared[kWarpSize];
   const int splits = gridDim.x, split = blockIdx.x;
@@ -206,7 +207,8 @@ __global__ void __launch_bounds__(kThreads)
       if (first >= start + S) continue;
       const int lo = start > first ? int(start - first) : 0;
       const int hi = start + S - first < VEC ? int(start + S - first) : VEC;
-      op.template add<VEC>(s, first, lo, hi, k);
+      // The tensor's last pack may end past its last value: read that one lane by lane.
+      op.template add<VEC>(s, first, lo, hi, k, first + VEC <= numel);
     }
     s = block_reduce(s, Op::merge, Op::identity(), shared);
     if (thread_rank() == 0) ws[c * splits + split] = s;
@@ -227,7 +229,7 @@ __global__ void __launch_bounds__(kThreads)
                        unsigned int* counters) {
   using State = typename Op::State;
   using acc_t = typename Finish::acc_t;
-  extern __shared__ unsigned char smem_raw[];
+  extern __shared__ __align__(16) unsigned char smem_raw[];
   State* smem = reinterpret_cast<State*>(smem_raw);  // [blockDim.y][blockDim.x * VEC]
   const int TX = blockDim.x, TY = blockDim.y, tx = threadIdx.x, ty = threadIdx.y;
   const int splits = gridDim.x, split = blockIdx.x;
@@ -276,11 +278,22 @@ __global__ void __launch_bounds__(kThreads)
 // The reductions' element access: the planar kernel hands a pack and its valid lanes, the
 // rows kernel a row's VEC channels.
 
+// The pack at p, or (whole == false) only its lanes [lo, hi), the rest zero.
+template <int N, typename T>
+__device__ __forceinline__ Pack<T, N> load_lanes(const T* p, int lo, int hi, bool whole) {
+  if (whole) return load_pack<N>(p);
+  Pack<T, N> r;
+#pragma unroll
+  for (int e = 0; e < N; ++e) r.v[e] = (e >= lo && e < hi) ? p[e] : T(0);
+  return r;
+}
+
 template <typename scalar_t, typename acc_t>
 struct StatsReduce : StatsOp<scalar_t, acc_t> {
   template <int N>
-  __device__ __forceinline__ void add(Moments<acc_t>& s, int64_t first, int lo, int hi, const ChannelCoef<acc_t>& k) const {
-    StatsOp<scalar_t, acc_t>::template add<N>(s, load_pack<N>(this->x + first), lo, hi, k);
+  __device__ __forceinline__ void add(Moments<acc_t>& s, int64_t first, int lo, int hi, const ChannelCoef<acc_t>& k,
+                                      bool whole) const {
+    StatsOp<scalar_t, acc_t>::template add<N>(s, load_lanes<N>(this->x + first, lo, hi, whole), lo, hi, k);
   }
   // One row: a Welford step for each of N channels (one division for all of them).
   template <int N>
@@ -301,11 +314,12 @@ template <typename scalar_t, typename acc_t, Activation A>
 struct GradReduce : GradOp<scalar_t, acc_t, A> {
   using Base = GradOp<scalar_t, acc_t, A>;
   template <int N>
-  __device__ __forceinline__ void add(Sums<acc_t>& s, int64_t first, int lo, int hi, const ChannelCoef<acc_t>& k) const {
-    const auto xs = load_pack<N>(this->x + first);
-    const auto dys = load_pack<N>(this->dy + first);
+  __device__ __forceinline__ void add(Sums<acc_t>& s, int64_t first, int lo, int hi, const ChannelCoef<acc_t>& k,
+                                      bool whole) const {
+    const auto xs = load_lanes<N>(this->x + first, lo, hi, whole);
+    const auto dys = load_lanes<N>(this->dy + first, lo, hi, whole);
     Pack<scalar_t, N> vs;
-    if (this->v) vs = load_pack<N>(this->v + first);
+    if (this->v) vs = load_lanes<N>(this->v + first, lo, hi, whole);
 #pragma unroll
     for (int e = 0; e < N; ++e) {
       const acc_t xv = acc_t(xs.v[e]);

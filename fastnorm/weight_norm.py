@@ -1,0 +1,283 @@
+"""Weight normalization as a module parametrization, a drop-in for
+``torch.nn.utils.parametrizations.weight_norm``.
+
+``weight_norm(module)`` registers fastnorm's ``_WeightNorm`` with torch's parametrize
+machinery, so the module is torch's "parametrized" module in every respect: ``state_dict``
+keys ``parametrizations.weight.original0`` (g) and ``original1`` (v), ``module.weight``,
+``parametrize.is_parametrized`` and ``remove_parametrizations`` work as with torch's. On top:
+
+- Linear and Conv layers with ``dim=0`` scale their output by ``g / ||v||`` instead of
+  materializing ``w`` when the output is smaller than the weight (Salimans & Kingma's
+  formulation; same values and gradients);
+- old ``weight_g`` / ``weight_v`` checkpoints load;
+- the module can be pickled (``torch.save(module)``) as well as deep-copied.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
+
+from ._ops import ops, wn_dim
+from .functional import weight_norm as weight_norm_fn
+
+
+class _WeightNorm(nn.Module):
+    """The parametrization ``(g, v) -> g * v / ||v||`` (``eps`` under the square root)."""
+
+    def __init__(self, dim=0, eps=0.0):
+        super().__init__()
+        self.dim = -1 if dim is None else dim
+        self.eps = float(eps)
+
+    def forward(self, weight_g, weight_v):
+        return weight_norm_fn(weight_v, weight_g, self.dim, eps=self.eps)
+
+    def right_inverse(self, weight):
+        dim = wn_dim(weight, self.dim)
+        if self.eps == 0.0:
+            weight_g = torch.norm_except_dim(weight, 2, dim)
+        else:
+            dims = [d for d in range(weight.dim()) if d != dim]
+            keep = dim != -1
+            weight_g = (weight.square().sum(dims, keepdim=keep) + self.eps).sqrt().to(weight.dtype)
+        return weight_g, weight
+
+    def extra_repr(self):
+        return f"dim={self.dim}" + (f", eps={self.eps}" if self.eps else "")
+
+
+class _LegacyKeys:
+    """Load-state-dict pre-hook: ``<name>_g`` / ``<name>_v`` from checkpoints of
+    ``torch.nn.utils.weight_norm`` become the parametrization's original0 / original1.
+    A class (not a closure) so that the module stays picklable."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def __call__(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        g_key, v_key = f"{prefix}{self.name}_g", f"{prefix}{self.name}_v"
+        if g_key in state_dict and v_key in state_dict:
+            state_dict[f"{prefix}parametrizations.{self.name}.original0"] = state_dict.pop(g_key)
+            state_dict[f"{prefix}parametrizations.{self.name}.original1"] = state_dict.pop(v_key)
+
+
+def weight_norm(module, name="weight", dim=0, *, eps=0.0):
+    """Applies weight normalization to ``module.<name>``: ``w = g * v / ||v||`` with the
+    norm over every dimension but ``dim`` (``None``: the whole tensor). Works on any module
+    with that tensor: Linear, Conv1d/2d/3d, ConvTranspose1d/2d/3d, Embedding, the weights of
+    RNN/LSTM/GRU (``name="weight_hh_l0"``), ... Returns the module."""
+    if not isinstance(getattr(module, name, None), torch.Tensor):
+        raise ValueError(f"weight_norm: {type(module).__name__} has no tensor named {name!r}")
+    _register(module, name, dim, eps)
+    module._register_load_state_dict_pre_hook(_LegacyKeys(name))
+    return module
+
+
+def _register(module, name, dim, eps):
+    parametrize.register_parametrization(module, name, _WeightNorm(dim, eps), unsafe=True)
+    cls = module.__class__  # the class parametrize made for this module alone
+    cls.__reduce_ex__ = _reduce_ex
+    base = cls.__bases__[0]
+    if name == "weight" and dim == 0 and base in _SCALED_FORWARDS:
+        cls.forward = _SCALED_FORWARDS[base]
+
+
+def remove_weight_norm(module, name="weight"):
+    """Removes the weight normalization of ``module.<name>``, leaving ``w`` as a plain
+    parameter. Returns the module."""
+    plist = getattr(getattr(module, "parametrizations", None), name, None) if hasattr(module, "parametrizations") else None
+    if plist is None or not any(isinstance(p, _WeightNorm) for p in plist):
+        raise ValueError(f"remove_weight_norm: {type(module).__name__}.{name} has no fastnorm weight norm")
+    parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+    return module
+
+
+def weight_norm_of(module, name="weight"):
+    """The ``_WeightNorm`` of ``module.<name>``, or None."""
+    if not parametrize.is_parametrized(module, name):
+        return None
+    plist = module.parametrizations[name]
+    return plist[0] if len(plist) == 1 and isinstance(plist[0], _WeightNorm) else None
+
+
+# ---------------------------------------------------------------------------------------
+# Pickling: parametrize's module classes are made at run time and refuse to pickle; a
+# weight-normed module pickles as its original class plus what it takes to register the
+# weight norm again.
+
+def _reduce_ex(self, protocol):
+    base = self.__class__.__bases__[0]
+    state = self.__dict__.copy()
+    modules = dict(state["_modules"])
+    plists = modules.pop("parametrizations")
+    state["_modules"] = modules
+    specs = []
+    for name, plist in plists.items():
+        wn = plist[0] if len(plist) == 1 else None
+        if not isinstance(wn, _WeightNorm):
+            raise RuntimeError(f"cannot pickle {base.__name__}: {name} has a parametrization other than weight norm")
+        specs.append((name, wn.dim, wn.eps, plist.original0, plist.original1))
+    return _rebuild, (base, state, specs)
+
+
+def _rebuild(base, state, specs):
+    module = base.__new__(base)
+    module.__dict__.update(state)
+    for name, dim, eps, g, v in specs:
+        module.register_parameter(name, nn.Parameter(v.detach().clone(), requires_grad=v.requires_grad))
+        _register(module, name, dim, eps)
+        plist = module.parametrizations[name]
+        plist.original0 = g
+        plist.original1 = v
+    return module
+
+
+# ---------------------------------------------------------------------------------------
+# Linear and Conv with dim=0: the output scaled by s = g / ||v||.
+#
+# y = op(x, v) * s + b. Backward: grad_x = op_input_grad(grad_y * s, v); with G the weight
+# gradient op_weight_grad(grad_y, x) (the gradient of w), grad_v and grad_g are exactly the
+# weight-norm backward of G, one fused pass. Used when the output is smaller than the
+# weight (else materializing w is cheaper); a graph of the backward goes through ATen ops.
+
+def _scaled(module, x):
+    """Whether to scale the output: its size against the weight's."""
+    v = module.parametrizations.weight.original1
+    if isinstance(module, nn.Linear):
+        channels_in = x.shape[-1] if x.dim() > 0 else 0
+    else:
+        channels_in = x.shape[1] if x.dim() == v.dim() else 0  # batched input only
+    return channels_in > 0 and x.numel() // channels_in * v.shape[0] < v.numel()
+
+
+def _spec(module):
+    """The op as plain values: None for Linear, (stride, padding, dilation, groups) for Conv."""
+    if isinstance(module, nn.Linear):
+        return None
+    return (tuple(module.stride), tuple(module.padding), tuple(module.dilation), module.groups)
+
+
+class _ScaledOutput(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, v, g, bias, eps, spec):
+        n = ops.weight_norm_norms(v, 0, eps)
+        s = (g.reshape(-1).to(n.dtype) / n).to(x.dtype)
+        y = _op(spec, x, v)
+        shape = _channel_shape(spec, y)
+        y = torch.addcmul(bias.view(shape).to(y.dtype), y, s.view(shape)) if bias is not None else y * s.view(shape)
+        ctx.spec, ctx.eps = spec, eps
+        ctx.save_for_backward(x, v, g, n, bias)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, v, g, n, bias = ctx.saved_tensors
+        spec, eps = ctx.spec, ctx.eps
+        need_x, need_v, need_g, need_b = ctx.needs_input_grad[:4]
+        if torch.is_grad_enabled():  # double backward: differentiate the composition
+            with torch.enable_grad():
+                inputs = [t for t, need in ((x, need_x), (v, need_v), (g, need_g), (bias, need_b)) if need]
+                y = _op(spec, x, weight_norm_fn(v, g, 0, eps=eps), bias)
+                grads = iter(torch.autograd.grad(y, inputs, grad_y, create_graph=True))
+            return (*(next(grads) if need else None for need in (need_x, need_v, need_g, need_b)), None, None)
+        s = (g.reshape(-1).to(n.dtype) / n).to(grad_y.dtype)
+        grad_x = grad_v = grad_g = grad_b = None
+        if need_x:
+            grad_x = _input_grad(spec, grad_y * s.view(_channel_shape(spec, grad_y)), x, v)
+        if need_v or need_g:
+            grad_v, grad_g = ops.weight_norm_backward(_weight_grad(spec, grad_y, x, v), v, g, n, 0)
+        if need_b and bias is not None:
+            grad_b = grad_y.sum(dim=_sum_dims(spec, grad_y)).to(bias.dtype)
+        return grad_x, grad_v, grad_g, grad_b, None, None
+
+
+def _channel_shape(spec, y):
+    return [-1] if spec is None else [-1] + [1] * (y.dim() - 2)
+
+
+def _sum_dims(spec, t):
+    channel = t.dim() - 1 if spec is None else 1
+    return [d for d in range(t.dim()) if d != channel]
+
+
+def _op(spec, x, weight, bias=None):
+    if spec is None:
+        return F.linear(x, weight, bias)
+    stride, padding, dilation, groups = spec
+    conv = (F.conv1d, F.conv2d, F.conv3d)[weight.dim() - 3]
+    return conv(x, weight, bias, stride, padding, dilation, groups)
+
+
+def _input_grad(spec, grad_y, x, v):
+    if spec is None:
+        return grad_y.matmul(v.to(grad_y.dtype))
+    return _conv_backward(spec, grad_y, x, v, (True, False, False))[0]
+
+
+def _weight_grad(spec, grad_y, x, v):
+    if spec is None:
+        return grad_y.reshape(-1, grad_y.shape[-1]).t().matmul(x.reshape(-1, x.shape[-1])).to(v.dtype)
+    return _conv_backward(spec, grad_y, x, v, (False, True, False))[1]
+
+
+def _conv_backward(spec, grad_y, x, v, mask):
+    stride, padding, dilation, groups = spec
+    return torch.ops.aten.convolution_backward(grad_y, x, v, None, stride, padding, dilation, False,
+                                               [0] * (x.dim() - 2), groups, list(mask))
+
+
+def _scaled_forward(self, input):
+    p = self.parametrizations.weight
+    plain = isinstance(self, nn.Linear) or (self.padding_mode == "zeros" and not isinstance(self.padding, str))
+    if not (plain and _scaled(self, input)):
+        return type(self).__bases__[0].forward(self, input)
+    return _ScaledOutput.apply(input, p.original1, p.original0, self.bias, p[0].eps, _spec(self))
+
+
+_SCALED_FORWARDS = {cls: _scaled_forward for cls in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)}
+
+
+# ---------------------------------------------------------------------------------------
+# Salimans & Kingma's data-dependent initialization.
+
+@torch.no_grad()
+def data_dependent_init(model, *inputs, init_scale=1.0, eps=1e-8):
+    """Initializes g and the bias of every weight-normed Linear/Conv layer (``dim=0``) of
+    ``model`` from one batch, layer by layer in the order the forward runs them: each output
+    channel gets zero mean and standard deviation ``init_scale`` on that batch (the later
+    layers see the already initialized earlier ones). Returns the model."""
+    layers = [m for m in model.modules()
+              if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
+              and weight_norm_of(m) is not None and weight_norm_of(m).dim == 0]
+    if not layers:
+        raise ValueError("data_dependent_init: the model has no weight-normed Linear/Conv layer with dim=0")
+    done = set()
+
+    def hook(module, args, output):
+        if module in done:
+            return None
+        done.add(module)
+        p = module.parametrizations.weight
+        v = p.original1
+        n = ops.weight_norm_norms(v, 0, p[0].eps)
+        shape = [-1] + [1] * (v.dim() - 1)
+        spec = _spec(module)
+        t = _op(spec, args[0], (v / n.view(shape).to(v.dtype)))  # the output with g = 1, b = 0
+        dims = _sum_dims(spec, t)
+        mean = t.mean(dim=dims)
+        std = t.var(dim=dims, unbiased=False).add(eps).sqrt()
+        scale = init_scale / std
+        p.original0.copy_(scale.view_as(p.original0).to(p.original0.dtype))
+        out_shape = [-1] if isinstance(module, nn.Linear) else [-1] + [1] * (t.dim() - 2)
+        if module.bias is not None:
+            module.bias.copy_((-mean * scale).to(module.bias.dtype))
+            return (t - mean.view(out_shape)) * scale.view(out_shape)
+        return t * scale.view(out_shape)
+
+    handles = [m.register_forward_hook(hook) for m in layers]
+    try:
+        model(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return model

@@ -1,0 +1,324 @@
+"""Weight norm against torch: the functional op for every dim, dtype and layout, its
+gradients, and the module parametrization as a drop-in for torch's."""
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+import fastnorm
+from conftest import DEVICES, FLOAT_DTYPES, LOW_PRECISION, assert_close_to_reference, param_dtype_for
+
+
+def torch_dim(ndim, dim):
+    return -1 if dim is None or dim == -1 else dim % ndim
+
+
+def make_vg(shape, dim, dtype, device, g_dtype=None):
+    v = (torch.randn(shape, device=device, dtype=torch.float64) * 2).to(dtype)
+    d = torch_dim(len(shape), dim)
+    gshape = [1] * len(shape)
+    if d != -1:
+        gshape[d] = shape[d]
+    g = (torch.rand(gshape, device=device, dtype=torch.float64) + 0.5).to(g_dtype or dtype)
+    return v, g
+
+
+def run(fn, v, g, gw, upcast=False):
+    conv = (lambda t: t.detach().double()) if upcast else (lambda t: t.detach().clone())
+    vr, gr = conv(v).requires_grad_(), conv(g).requires_grad_()
+    w = fn(vr, gr)
+    w.backward(gw.double() if upcast else gw)
+    return w, vr.grad, gr.grad
+
+
+CASES = [  # shape, dim: 0, last, middle, negative, whole tensor (None and -1)
+    ((37, 19), 0), ((37, 19), 1), ((6, 5, 7), 1), ((6, 5, 7), -2), ((4, 3, 2, 5), 2),
+    ((16, 8, 3, 3), 0), ((16, 8, 3, 3), 3), ((7, 13), None), ((3, 4, 5), -1), ((1025,), 0), ((2, 4097), 0),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape,dim", CASES, ids=str)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_functional_matches_torch(device, shape, dim, dtype):
+    v, g = make_vg(shape, dim, dtype, device)
+    gw = torch.randn(shape, device=device).to(dtype)
+    d = torch_dim(len(shape), dim)
+    ours = run(lambda a, b: fastnorm.functional.weight_norm(a, b, dim), v, g, gw)
+    ref = run(lambda a, b: torch._weight_norm(a, b, d), v, g, gw, upcast=True)
+    theirs = run(lambda a, b: torch._weight_norm(a, b, d), v, g, gw)
+    for name, o, r, t in zip(["w", "grad v", "grad g"], ours, ref, theirs):
+        assert o.dtype == dtype and o.shape == r.shape
+        assert_close_to_reference(o, r, dtype, t, what=name)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+def test_float32_g_with_low_precision_v(dtype):
+    v, g = make_vg((12, 9), 0, dtype, "cpu", g_dtype=torch.float32)
+    gw = torch.randn(12, 9).to(dtype)
+    w, gv, gg = run(lambda a, b: fastnorm.functional.weight_norm(a, b, 0), v, g, gw)
+    ref = run(lambda a, b: torch._weight_norm(a, b, 0), v, g, gw, upcast=True)
+    assert w.dtype == dtype and gg.dtype == torch.float32
+    assert_close_to_reference(w, ref[0], dtype, what="w")
+    assert_close_to_reference(gg, ref[2], dtype, what="grad g")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_memory_format_kept(device):
+    v = torch.randn(16, 8, 3, 3, device=device).to(memory_format=torch.channels_last)
+    g = torch.rand(16, 1, 1, 1, device=device)
+    w = fastnorm.functional.weight_norm(v, g, 0)
+    assert w.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(w, torch._weight_norm(v, g, 0))
+    vt = torch.randn(9, 12, device=device).t()  # non-contiguous, dim 1
+    gt = torch.rand(1, 9, device=device)
+    torch.testing.assert_close(fastnorm.functional.weight_norm(vt, gt, 1), torch._weight_norm(vt, gt, 1))
+
+
+@pytest.mark.parametrize("dim", [0, 1, -2, None])
+@pytest.mark.parametrize("eps", [0.0, 1e-3])
+def test_gradcheck_and_gradgradcheck(dim, eps):
+    v, g = make_vg((5, 4, 3), dim, torch.float64, "cpu")
+    v.requires_grad_(), g.requires_grad_()
+
+    def fn(v, g):
+        return fastnorm.functional.weight_norm(v, g, dim, eps=eps)
+
+    assert torch.autograd.gradcheck(fn, (v, g))
+    assert torch.autograd.gradgradcheck(fn, (v, g))
+
+
+def test_zero_norm_slices():
+    v = torch.randn(4, 6, dtype=torch.float64)
+    v[1] = 0
+    g = torch.rand(4, 1, dtype=torch.float64)
+    ours, theirs = fastnorm.functional.weight_norm(v, g, 0), torch._weight_norm(v, g, 0)
+    assert torch.isnan(ours[1]).all() and torch.isnan(theirs[1]).all()  # as torch
+    torch.testing.assert_close(ours[[0, 2, 3]], theirs[[0, 2, 3]])
+    v.requires_grad_(), g.requires_grad_()
+    w = fastnorm.functional.weight_norm(v, g, 0, eps=1e-6)
+    assert torch.isfinite(w).all() and (w[1] == 0).all()
+    w.sum().backward()
+    assert torch.isfinite(v.grad).all() and torch.isfinite(g.grad).all()
+    # eps sits under the square root
+    expected = g * v / (v.detach().square().sum(1, keepdim=True) + 1e-6).sqrt()
+    torch.testing.assert_close(w, expected)
+
+
+def test_bad_input():
+    v = torch.randn(4, 6)
+    with pytest.raises(RuntimeError, match=r"g of shape \[3, 1\].*does not fit v of shape \[4, 6\].*with dim=0"):
+        fastnorm.functional.weight_norm(v, torch.ones(3, 1), 0)
+    with pytest.raises(RuntimeError, match="floating-point weight"):
+        fastnorm.functional.weight_norm(torch.ones(4, 6, dtype=torch.long), torch.ones(4, 1), 0)
+    with pytest.raises(RuntimeError, match="g on v's device|expected g on"):
+        fastnorm.functional.weight_norm(v, torch.ones(4, 1, device="meta"), 0)
+    with pytest.raises(IndexError, match="out of range"):
+        fastnorm.functional.weight_norm(v, torch.ones(4, 1), 2)
+    with pytest.raises(RuntimeError, match="expected g of dtype torch.float32"):
+        fastnorm.functional.weight_norm(v, torch.ones(4, 1, dtype=torch.float64), 0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    v = torch.randn(6, 5, 3, device=device, requires_grad=True)
+    g = torch.rand(6, 1, 1, device=device, requires_grad=True)
+    ops = torch.ops.fastnorm
+    torch.library.opcheck(ops.weight_norm.default, (v, g, 0, 0.0))
+    torch.library.opcheck(ops.weight_norm.default, (v, torch.rand(1, 1, 3, device=device, requires_grad=True), 2, 1e-4))
+    torch.library.opcheck(ops.weight_norm_norms.default, (v, 1, 0.0))
+    w, n = ops.weight_norm(v.detach(), g.detach(), 0, 0.0)
+    torch.library.opcheck(ops.weight_norm_backward.default, (torch.randn_like(w), v.detach(), g.detach(), n, 0))
+
+
+# ---------------------------------------------------------------------------------------
+# Modules
+
+MODULES = [
+    ("linear", lambda: nn.Linear(20, 12), lambda: torch.randn(4, 20)),
+    ("linear wide batch", lambda: nn.Linear(6, 5), lambda: torch.randn(64, 6)),  # materializes w
+    ("conv1d", lambda: nn.Conv1d(4, 6, 3, padding=1), lambda: torch.randn(2, 4, 9)),
+    ("conv2d", lambda: nn.Conv2d(8, 16, 3, stride=2, padding=1, groups=2), lambda: torch.randn(2, 8, 6, 6)),
+    ("conv2d big output", lambda: nn.Conv2d(3, 4, 3, padding=1), lambda: torch.randn(2, 3, 16, 16)),
+    ("conv2d reflect", lambda: nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"), lambda: torch.randn(2, 3, 5, 5)),
+    ("conv3d", lambda: nn.Conv3d(3, 5, 2), lambda: torch.randn(2, 3, 4, 4, 4)),
+    ("convtranspose1d", lambda: nn.ConvTranspose1d(4, 6, 3), lambda: torch.randn(2, 4, 7)),
+    ("convtranspose2d", lambda: nn.ConvTranspose2d(4, 6, 3, stride=2), lambda: torch.randn(2, 4, 5, 5)),
+    ("convtranspose3d", lambda: nn.ConvTranspose3d(2, 3, 2), lambda: torch.randn(2, 2, 3, 3, 3)),
+    ("embedding", lambda: nn.Embedding(30, 8), lambda: torch.randint(0, 30, (4, 5))),
+]
+
+
+@pytest.mark.parametrize("dim", [0, 1, None])
+@pytest.mark.parametrize("name,make,make_input", MODULES, ids=[m[0] for m in MODULES])
+def test_module_matches_torch_weight_norm(name, make, make_input, dim):
+    torch.manual_seed(0)
+    ours = make()
+    theirs = copy.deepcopy(ours)
+    fastnorm.weight_norm(ours, dim=dim)
+    torch.nn.utils.parametrizations.weight_norm(theirs, dim=dim)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    x = make_input()
+    xs = [x.clone().requires_grad_() if x.is_floating_point() else x for _ in range(2)]
+    ys = [m(xi) for m, xi in zip((ours, theirs), xs)]
+    g = torch.randn_like(ys[0])
+    for y in ys:
+        y.backward(g)
+    torch.testing.assert_close(ys[0], ys[1], rtol=1e-5, atol=1e-5)
+    if x.is_floating_point():
+        torch.testing.assert_close(xs[0].grad, xs[1].grad, rtol=1e-5, atol=1e-5)
+    for (k, a), b in zip(ours.named_parameters(), theirs.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_checkpoints_move_both_ways_and_legacy_keys_load():
+    torch_wn = torch.nn.utils.parametrizations.weight_norm(nn.Conv2d(3, 4, 3))
+    ours = fastnorm.weight_norm(nn.Conv2d(3, 4, 3))
+    ours.load_state_dict(torch_wn.state_dict())
+    back = torch.nn.utils.parametrizations.weight_norm(nn.Conv2d(3, 4, 3))
+    back.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(ours(x), torch_wn(x))
+    torch.testing.assert_close(back(x), torch_wn(x))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        old = torch.nn.utils.weight_norm(nn.Conv2d(3, 4, 3))  # the deprecated hook: weight_g / weight_v
+    assert {"weight_g", "weight_v"} <= set(old.state_dict())
+    legacy = fastnorm.weight_norm(nn.Conv2d(3, 4, 3))
+    legacy.load_state_dict(old.state_dict())
+    torch.testing.assert_close(legacy(x), old(x))
+
+
+def test_copy_pickle_save_and_remove():
+    m = fastnorm.weight_norm(nn.Linear(7, 5), eps=1e-4)
+    x = torch.randn(3, 7)
+    for clone in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):
+        torch.testing.assert_close(clone(x), m(x))
+        assert clone.parametrizations.weight[0].eps == 1e-4
+        assert list(clone.state_dict()) == list(m.state_dict())
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    buf.seek(0)
+    torch.testing.assert_close(torch.load(buf, weights_only=False)(x), m(x))
+    y = m(x)
+    fastnorm.remove_weight_norm(m)
+    assert type(m) is nn.Linear and isinstance(m.weight, nn.Parameter)
+    torch.testing.assert_close(m(x), y)
+    with pytest.raises(ValueError, match="has no fastnorm weight norm"):
+        fastnorm.remove_weight_norm(m)
+    with pytest.raises(ValueError, match="has no tensor named 'kernel'"):
+        fastnorm.weight_norm(nn.Linear(2, 2), name="kernel")
+
+
+def test_recurrent_layer_trained_over_sequences():
+    torch.manual_seed(0)
+    ours = nn.LSTM(6, 8, num_layers=1, batch_first=True)
+    theirs = copy.deepcopy(ours)
+    fastnorm.weight_norm(ours, name="weight_hh_l0")
+    torch.nn.utils.parametrizations.weight_norm(theirs, name="weight_hh_l0")
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (ours, theirs)]
+    for step in range(5):
+        x = torch.randn(4, 10, 6)
+        losses = []
+        for m, opt in zip((ours, theirs), opts):
+            opt.zero_grad()
+            out, _ = m(x)
+            loss = out.square().mean()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        assert losses[0] == pytest.approx(losses[1], rel=1e-5, abs=1e-6), step
+
+
+def test_compile_fullgraph_matches_eager():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+
+    def make():
+        return nn.Sequential(fastnorm.weight_norm(nn.Conv2d(3, 8, 3)), nn.ReLU(), nn.Flatten(),
+                             fastnorm.weight_norm(nn.Linear(8 * 4 * 4, 10)))
+
+    eager = make()
+    compiled_model = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_model, fullgraph=True)
+    x = torch.randn(2, 3, 6, 6)
+    ye, yc = eager(x), compiled(x)
+    torch.testing.assert_close(yc, ye, rtol=1e-5, atol=1e-5)
+    ye.square().sum().backward()
+    yc.square().sum().backward()
+    for (k, a), b in zip(eager.named_parameters(), compiled_model.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_ddp_wraps_a_weight_normed_model(tmp_path):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = DistributedDataParallel(fastnorm.weight_norm(nn.Linear(5, 3)))
+        model(torch.randn(4, 5)).sum().backward()
+        assert model.module.parametrizations.weight.original1.grad is not None
+    finally:
+        dist.destroy_process_group()
+
+
+def test_data_dependent_init_layer_by_layer():
+    torch.manual_seed(0)
+    model = nn.Sequential(fastnorm.weight_norm(nn.Conv2d(3, 6, 3)), nn.ReLU(), nn.Flatten(),
+                          fastnorm.weight_norm(nn.Linear(6 * 4 * 4, 5)))
+    x = torch.randn(64, 3, 6, 6) * 3 + 2
+    fastnorm.data_dependent_init(model, x, init_scale=0.5)
+    h = model[0](x)
+    torch.testing.assert_close(h.mean(dim=(0, 2, 3)), torch.zeros(6), atol=1e-5, rtol=0)
+    torch.testing.assert_close(h.std(dim=(0, 2, 3), unbiased=False), torch.full((6,), 0.5), atol=1e-4, rtol=0)
+    y = model(x)  # the second layer was initialized on the first's initialized output
+    torch.testing.assert_close(y.mean(dim=0), torch.zeros(5), atol=1e-5, rtol=0)
+    torch.testing.assert_close(y.std(dim=0, unbiased=False), torch.full((5,), 0.5), atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="no weight-normed"):
+        fastnorm.data_dependent_init(nn.Linear(2, 2), torch.randn(3, 2))
+
+
+# ---------------------------------------------------------------------------------------
+# Mean-only batch norm
+
+@pytest.mark.parametrize("cls,shape", [(fastnorm.MeanOnlyBatchNorm1d, (8, 5)), (fastnorm.MeanOnlyBatchNorm1d, (4, 5, 7)),
+                                       (fastnorm.MeanOnlyBatchNorm2d, (4, 5, 3, 3)),
+                                       (fastnorm.MeanOnlyBatchNorm3d, (2, 5, 2, 3, 2))])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_mean_only_batch_norm(cls, shape, momentum):
+    bn = cls(5, momentum=momentum, dtype=torch.float64)
+    with torch.no_grad():
+        bn.bias.copy_(torch.linspace(-1, 1, 5))
+    dims = [0] + list(range(2, len(shape)))
+    view = [1, -1] + [1] * (len(shape) - 2)
+    means = []
+    for step in range(3):
+        x = (torch.randn(shape, dtype=torch.float64) * 2 + step).requires_grad_()
+        y = bn(x)
+        mean = x.detach().mean(dim=dims)
+        means.append(mean)
+        torch.testing.assert_close(y, x.detach() - mean.view(view) + bn.bias.detach().view(view))
+        g = torch.randn_like(y)
+        y.backward(g)
+        torch.testing.assert_close(x.grad, g - g.mean(dim=dims, keepdim=True))
+        torch.testing.assert_close(bn.bias.grad, g.sum(dim=dims))
+        bn.bias.grad = None
+    expected = torch.zeros(5, dtype=torch.float64)
+    for i, m in enumerate(means):
+        f = 1.0 / (i + 1) if momentum is None else momentum
+        expected = expected + f * (m - expected)
+    torch.testing.assert_close(bn.running_mean, expected)
+    assert bn.num_batches_tracked.item() == 3
+    bn.eval()
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(bn(x), x.detach() - bn.running_mean.view(view) + bn.bias.detach().view(view))
+    assert torch.autograd.gradcheck(lambda t: bn(t), (x,))
+    with pytest.raises(ValueError, match="channels"):
+        bn(torch.randn(*shape[:1], 4, *shape[2:], dtype=torch.float64))
