@@ -53,6 +53,9 @@ TORCH_LIBRARY(fastnorm, m) {
       "weight_norm_backward(Tensor grad_w, Tensor v, Tensor g, Tensor norm, int dim) -> "
       "(Tensor grad_v, Tensor grad_g)");
   m.def("weight_norm_norms(Tensor v, int dim, float eps) -> Tensor norm");
+  // The backward writing grad_v over grad_w (a temporary the caller owns): no second
+  // weight-sized buffer.
+  m.def("weight_norm_backward_(Tensor(a!) grad_w, Tensor v, Tensor g, Tensor norm, int dim) -> Tensor grad_g");
 }
 
 namespace {

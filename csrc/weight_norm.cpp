@@ -91,9 +91,8 @@ std::tuple<Tensor, Tensor> weight_norm(const Tensor& v, const Tensor& g, int64_t
   return {a.w, a.norm};
 }
 
-std::tuple<Tensor, Tensor> weight_norm_backward(const Tensor& grad_w, const Tensor& v, const Tensor& g,
-                                                const Tensor& norm, int64_t dim) {
-  const char* op = "fastnorm.weight_norm_backward";
+std::tuple<Tensor, Tensor> weight_norm_backward_impl(const char* op, const Tensor& grad_w, const Tensor& v,
+                                                     const Tensor& g, const Tensor& norm, int64_t dim, bool in_place) {
   check_v(op, v, dim);
   check_g(op, v, g, dim);
   TORCH_CHECK(grad_w.sizes() == v.sizes() && grad_w.scalar_type() == v.scalar_type() && grad_w.device() == v.device(),
@@ -106,14 +105,24 @@ std::tuple<Tensor, Tensor> weight_norm_backward(const Tensor& grad_w, const Tens
   a.grad_w = like(grad_w, a.v);
   a.g = g.reshape({-1}).to(acc_dtype(v)).contiguous();
   a.norm = norm.to(acc_dtype(v)).contiguous();
-  a.grad_v = at::empty_like(a.v);
+  a.grad_v = in_place && a.grad_w.is_same(grad_w) ? grad_w : at::empty_like(a.v);
   a.grad_g = at::empty({a.D}, v.options().dtype(acc_dtype(v)));
   if (v.numel() > 0) {
     FASTNORM_RUN_WN_KERNEL(v.is_cuda(), weight_norm_backward, a);
   } else {
     a.grad_g.zero_();
   }
+  if (in_place && !a.grad_v.is_same(grad_w)) grad_w.copy_(a.grad_v);
   return {a.grad_v, a.grad_g.to(g.scalar_type()).reshape(g.sizes())};
+}
+
+std::tuple<Tensor, Tensor> weight_norm_backward(const Tensor& grad_w, const Tensor& v, const Tensor& g,
+                                                const Tensor& norm, int64_t dim) {
+  return weight_norm_backward_impl("fastnorm.weight_norm_backward", grad_w, v, g, norm, dim, false);
+}
+
+Tensor weight_norm_backward_(const Tensor& grad_w, const Tensor& v, const Tensor& g, const Tensor& norm, int64_t dim) {
+  return std::get<1>(weight_norm_backward_impl("fastnorm.weight_norm_backward_", grad_w, v, g, norm, dim, true));
 }
 
 Tensor weight_norm_norms(const Tensor& v, int64_t dim, double eps) {
@@ -139,6 +148,7 @@ TORCH_LIBRARY_IMPL(fastnorm, CPU, m) {
   m.impl("weight_norm", &weight_norm);
   m.impl("weight_norm_backward", &weight_norm_backward);
   m.impl("weight_norm_norms", &weight_norm_norms);
+  m.impl("weight_norm_backward_", &weight_norm_backward_);
 }
 
 #ifdef FASTNORM_WITH_CUDA
@@ -146,6 +156,7 @@ TORCH_LIBRARY_IMPL(fastnorm, CUDA, m) {
   m.impl("weight_norm", &weight_norm);
   m.impl("weight_norm_backward", &weight_norm_backward);
   m.impl("weight_norm_norms", &weight_norm_norms);
+  m.impl("weight_norm_backward_", &weight_norm_backward_);
 }
 #endif
 

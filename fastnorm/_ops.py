@@ -160,3 +160,9 @@ def wn_dim(v, dim):
     if not -v.dim() <= dim < v.dim():
         raise IndexError(f"weight_norm: dim {dim} is out of range for a weight of {v.dim()} dimensions")
     return dim % v.dim()
+
+
+@torch.library.register_fake("fastnorm::weight_norm_backward_")
+def _weight_norm_backward_inplace_fake(grad_w, v, g, norm, dim):
+    _check_devices("weight_norm_backward_", v, grad_w=grad_w, g=g, norm=norm)
+    return torch.empty_like(g, memory_format=torch.contiguous_format)

@@ -185,7 +185,8 @@ class _ScaledOutput(torch.autograd.Function):
         if need_x:
             grad_x = _input_grad(spec, grad_y * s.view(_channel_shape(spec, grad_y)), x, v)
         if need_v or need_g:
-            grad_v, grad_g = ops.weight_norm_backward(_weight_grad(spec, grad_y, x, v), v, g, n, 0)
+            grad_v = _weight_grad(spec, grad_y, x, v)  # the gradient of w, a fresh tensor:
+            grad_g = ops.weight_norm_backward_(grad_v, v, g, n, 0)  # becomes grad_v in place
         if need_b and bias is not None:
             grad_b = grad_y.sum(dim=_sum_dims(spec, grad_y)).to(bias.dtype)
         return grad_x, grad_v, grad_g, grad_b, None, None

@@ -132,6 +132,11 @@ def test_opcheck(device):
     torch.library.opcheck(ops.weight_norm_norms.default, (v, 1, 0.0))
     w, n = ops.weight_norm(v.detach(), g.detach(), 0, 0.0)
     torch.library.opcheck(ops.weight_norm_backward.default, (torch.randn_like(w), v.detach(), g.detach(), n, 0))
+    gw = torch.randn_like(w)
+    grad_v, grad_g = ops.weight_norm_backward(gw, v.detach(), g.detach(), n, 0)
+    torch.library.opcheck(ops.weight_norm_backward_.default, (gw.clone(), v.detach(), g.detach(), n, 0))
+    assert torch.equal(ops.weight_norm_backward_(gw, v.detach(), g.detach(), n, 0), grad_g)
+    assert torch.equal(gw, grad_v)  # written in place
 
 
 # ---------------------------------------------------------------------------------------

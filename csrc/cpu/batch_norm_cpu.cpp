@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "batch_norm.h"
+#include "cpu/stream_store.h"
 
 namespace fastnorm::cpu {
 namespace {
@@ -59,19 +60,20 @@ struct Lanes {
       out[1] = hi;
     }
   }
+  // `stream`: a streaming store where p allows (see stream_store.h).
   template <class N>
-  static inline void store(scalar_t* p, const Vec* in, N n) {
+  static inline void store(scalar_t* p, const Vec* in, N n, bool stream = false) {
     constexpr bool full = !std::is_same_v<N, int64_t>;
     if constexpr (kVecs == 1) {
       if constexpr (full) {
-        in[0].store(p);
+        store_maybe_streaming(p, in[0], stream);
       } else {
         in[0].store(p, n);
       }
     } else {
       const auto v = at::vec::convert_from_float<scalar_t>(in[0], in[1]);
       if constexpr (full) {
-        v.store(p);
+        store_maybe_streaming(p, v, stream);
       } else {
         v.store(p, n);
       }
@@ -262,14 +264,14 @@ inline void preact(const scalar_t* __restrict res, int64_t i, N n, const Cf& cf,
 // out = act(z).
 template <typename scalar_t, Activation A, class Cf>
 void normalize_span(const scalar_t* __restrict x, const scalar_t* __restrict res, scalar_t* __restrict out,
-                    int64_t n, const Cf& cf, const Vec_t<scalar_t> slope) {
+                    int64_t n, const Cf& cf, const Vec_t<scalar_t> slope, bool stream) {
   using L = Lanes<scalar_t>;
   span_loop<L::kWidth>(n, [&](int64_t i, auto cnt, auto) {
     Vec_t<scalar_t> v[L::kVecs], z[L::kVecs];
     L::load(x + i, v, cnt);
     preact<scalar_t>(res, i, cnt, cf, v, z);
     for (int64_t k = 0; k < L::kVecs; ++k) z[k] = activate_vec<A>(z[k], slope);
-    L::store(out + i, z, cnt);
+    L::store(out + i, z, cnt, stream);
   });
 }
 
@@ -329,20 +331,20 @@ void grad_sums_span(const scalar_t* __restrict x, const scalar_t* __restrict res
 template <typename scalar_t, Activation A, class Cf>
 void grad_input_span(const scalar_t* __restrict x, const scalar_t* __restrict res, const scalar_t* __restrict y,
                      const scalar_t* __restrict dy, scalar_t* __restrict dx, scalar_t* __restrict dz_out, bool needs_z,
-                     int64_t n, const Cf& cf, const Vec_t<scalar_t> slope) {
+                     int64_t n, const Cf& cf, const Vec_t<scalar_t> slope, bool stream) {
   using L = Lanes<scalar_t>;
   span_loop<L::kWidth>(n, [&](int64_t i, auto cnt, auto) {
     Vec_t<scalar_t> v[L::kVecs], dz[L::kVecs];
     L::load(x + i, v, cnt);
     grad_preact<scalar_t, A>(res, y, dy, needs_z, i, cnt, cf, v, slope, dz);
-    if (dz_out) L::store(dz_out + i, dz, cnt);
+    if (dz_out) L::store(dz_out + i, dz, cnt, stream);
     if (dx) {
       Vec_t<scalar_t> g[L::kVecs];
       for (int64_t k = 0; k < L::kVecs; ++k) {
         const int64_t p = i + k * Vec_t<scalar_t>::size();
         g[k] = at::vec::fmadd(dz[k], cf.at(kDz, p), at::vec::fmadd(v[k], cf.at(kX, p), cf.at(kC, p)));
       }
-      L::store(dx + i, g, cnt);
+      L::store(dx + i, g, cnt, stream);
     }
   });
 }
@@ -357,6 +359,7 @@ struct Tensors {
   scalar_t* out = nullptr;       // forward output, or grad input
   scalar_t* dz = nullptr;        // grad at the pre-activation
   bool needs_z = false;
+  bool stream = false;  // outputs written with streaming stores (large outputs)
   Vec_t<scalar_t> slope;
 
   explicit Tensors(const NormArgs& a)
@@ -375,7 +378,7 @@ struct Tensors {
 
   template <Activation A, class Cf>
   void normalize(int64_t off, int64_t n, const Cf& cf) const {
-    normalize_span<scalar_t, A>(x + off, at(res, off), out + off, n, cf, slope);
+    normalize_span<scalar_t, A>(x + off, at(res, off), out + off, n, cf, slope, stream);
   }
   template <class Cf, class S>
   void deviation_sums(int64_t off, int64_t n, const Cf& cf, S& sums) const {
@@ -388,7 +391,7 @@ struct Tensors {
   template <Activation A, class Cf>
   void grad_input(int64_t off, int64_t n, const Cf& cf) const {
     grad_input_span<scalar_t, A>(x + off, at(res, off), at(y, off), dy + off, at(out, off), at(dz, off), needs_z, n,
-                                 cf, slope);
+                                 cf, slope, stream);
   }
 };
 
@@ -598,6 +601,16 @@ int64_t threads() { return std::max<int64_t>(1, at::get_num_threads()); }
 // Planar: one thread owns whole channels when there are enough of them to share.
 bool owns_channels(const Layout& L) { return L.C >= 4 * threads() || L.count() <= kBlock; }
 
+// at::parallel_for for loops that write outputs: a fence after each thread's part makes its
+// streaming stores visible before the loop returns.
+template <typename F>
+void parallel_write(int64_t begin, int64_t end, int64_t grain, const F& f) {
+  at::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) {
+    f(b, e);
+    stream_fence();
+  });
+}
+
 int64_t grain_for(int64_t values_per_item) { return std::max<int64_t>(1, kGrain / std::max<int64_t>(1, values_per_item)); }
 
 // The coefficients of a row group by position, from per-channel slots [C][kSlots]: the
@@ -628,7 +641,7 @@ void moments_then(const NormArgs& a, Finish&& finish, PlanarThen&& planar_then, 
   if (!L.channels_last) {
     const int64_t count = L.count(), nb = (count + kBlock - 1) / kBlock;
     if (owns_channels(L)) {
-      at::parallel_for(0, L.C, grain_for(count), [&](int64_t c0, int64_t c1) {
+      parallel_write(0, L.C, grain_for(count), [&](int64_t c0, int64_t c1) {
         for (int64_t c = c0; c < c1; ++c) {
           Moments<double> m{0, 0, 0};
           for (int64_t b = 0; b < nb; ++b) {
@@ -652,7 +665,7 @@ void moments_then(const NormArgs& a, Finish&& finish, PlanarThen&& planar_then, 
       for (int64_t b = 0; b < nb; ++b) m = moments_merge(m, part[c * nb + b]);
       finish(c, m);
     }
-    at::parallel_for(0, L.C * nb, grain_for(kBlock), [&](int64_t t0, int64_t t1) {
+    parallel_write(0, L.C * nb, grain_for(kBlock), [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t c = t / nb, b = t % nb;
         planar_then(c, b * kBlock, std::min(count, (b + 1) * kBlock));
@@ -691,7 +704,7 @@ template <typename scalar_t, Activation A>
 void normalize_rows(const Tensors<scalar_t>& T, const RowGroups& G, int64_t M, int64_t rpb, int64_t nb,
                     const std::vector<typename Lanes<scalar_t>::acc_t>& slots) {
   const RepeatedSlots<typename Lanes<scalar_t>::acc_t> rs(G, kShift + 1, slots);
-  at::parallel_for(0, nb, grain_for(rpb * G.C), [&](int64_t b0, int64_t b1) {
+  parallel_write(0, nb, grain_for(rpb * G.C), [&](int64_t b0, int64_t b1) {
     row_spans(G, b0 * rpb, std::min(M, b1 * rpb), [&](int64_t off, int64_t len) {
       T.template normalize<A>(off, len, rs.cf);
     });
@@ -710,6 +723,7 @@ void train_impl(const TrainArgs& a) {
   using acc_t = typename Lanes<scalar_t>::acc_t;
   Tensors<scalar_t> T(a);
   T.out = a.output.data_ptr<scalar_t>();
+  T.stream = a.output.nbytes() >= kStreamBytes;
   const TrainChannels<acc_t> channels(a, momentum_factor(a));
   std::vector<acc_t> slots(a.layout.C * kSlots);
   auto finish = [&](int64_t c, const Moments<double>& m) { channels.finish(c, m, &slots[c * kSlots]); };
@@ -739,13 +753,14 @@ void elemt_impl(const NormArgs& a, const at::Tensor& output) {
   using acc_t = typename Lanes<scalar_t>::acc_t;
   Tensors<scalar_t> T(a);
   T.out = output.data_ptr<scalar_t>();
+  T.stream = output.nbytes() >= kStreamBytes;
   const Layout& L = a.layout;
   std::vector<acc_t> slots(L.C * kSlots);
   const Channels<acc_t> channels(a);
   for (int64_t c = 0; c < L.C; ++c) channels.forward_slots(c, &slots[c * kSlots]);
   if (!L.channels_last) {
     const int64_t count = L.count(), nb = (count + kBlock - 1) / kBlock;
-    at::parallel_for(0, L.C * nb, grain_for(kBlock), [&](int64_t t0, int64_t t1) {
+    parallel_write(0, L.C * nb, grain_for(kBlock), [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t c = t / nb, b = t % nb;
         normalize_planar_block<scalar_t, A>(T, L, c, b * kBlock, std::min(count, (b + 1) * kBlock),
@@ -770,7 +785,8 @@ void backward_impl(const BackwardArgs& a, bool reduce, bool elemt, std::vector<t
                    Finish&& finish) {
   using acc_t = typename Lanes<scalar_t>::acc_t;
   constexpr int64_t KW = Lanes<scalar_t>::kWidth;
-  const Tensors<scalar_t> T(a);
+  Tensors<scalar_t> T(a);
+  T.stream = a.input.nbytes() >= kStreamBytes;
   const Layout& L = a.layout;
   auto sums_block = [&](int64_t c, int64_t k0, int64_t k1, double& s1, double& s2) {
     RegisterSums<acc_t> s;
@@ -786,7 +802,7 @@ void backward_impl(const BackwardArgs& a, bool reduce, bool elemt, std::vector<t
   if (!L.channels_last) {
     const int64_t count = L.count(), nb = (count + kBlock - 1) / kBlock;
     if (owns_channels(L)) {
-      at::parallel_for(0, L.C, grain_for(count), [&](int64_t c0, int64_t c1) {
+      parallel_write(0, L.C, grain_for(count), [&](int64_t c0, int64_t c1) {
         for (int64_t c = c0; c < c1; ++c) {
           if (reduce) {
             double s1 = 0, s2 = 0;
@@ -816,7 +832,7 @@ void backward_impl(const BackwardArgs& a, bool reduce, bool elemt, std::vector<t
       }
     }
     if (elemt) {
-      at::parallel_for(0, L.C * nb, grain_for(kBlock), [&](int64_t t0, int64_t t1) {
+      parallel_write(0, L.C * nb, grain_for(kBlock), [&](int64_t t0, int64_t t1) {
         for (int64_t t = t0; t < t1; ++t) {
           const int64_t c = t / nb, b = t % nb;
           elemt_block(c, b * kBlock, std::min(count, (b + 1) * kBlock));
@@ -853,7 +869,7 @@ void backward_impl(const BackwardArgs& a, bool reduce, bool elemt, std::vector<t
   }
   if (elemt) {
     const RepeatedSlots<acc_t> rs(G, kC + 1, slots);
-    at::parallel_for(0, nb, grain_for(rpb * L.C), [&](int64_t b0, int64_t b1) {
+    parallel_write(0, nb, grain_for(rpb * L.C), [&](int64_t b0, int64_t b1) {
       row_spans(G, b0 * rpb, std::min(M, b1 * rpb), [&](int64_t off, int64_t len) {
         T.template grad_input<A>(off, len, rs.cf);
       });

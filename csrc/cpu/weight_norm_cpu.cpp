@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "common/weight_norm_math.h"
+#include "cpu/stream_store.h"
 #include "weight_norm.h"
 
 namespace fastnorm::cpu {
@@ -51,18 +52,34 @@ double dot(const T* a, const T* b, int64_t n) {
   return total;
 }
 
+// out = in * s; large outputs in float32/float64 with streaming stores (stream_store.h).
 template <typename T>
-void scale_any(T* out, const T* in, int64_t n, double s) {
+void scale_any(T* out, const T* in, int64_t n, double s, bool stream) {
   const auto vs = Acc<T>(at::opmath_type<T>(s));
-  at::vec::map<T>([vs](Acc<T> x) { return x * vs; }, out, in, n);
+  if constexpr (std::is_same_v<T, at::opmath_type<T>>) {
+    using Vec = Vectorized<T>;
+    int64_t i = 0;
+    for (; i + Vec::size() <= n; i += Vec::size()) store_maybe_streaming(out + i, Vec::loadu(in + i) * vs, stream);
+    if (i < n) (Vec::loadu(in + i, n - i) * vs).store(out + i, n - i);
+  } else {
+    at::vec::map<T>([vs](Acc<T> x) { return x * vs; }, out, in, n);
+  }
 }
 
-// grad_v = a * (grad_w + c * v) over n values (wn_grad_v, vectorized).
+// grad_v = a * (grad_w + c * v) over n values (wn_grad_v, vectorized); streaming stores as
+// scale_any. out may be grad_w itself (each value is read before it is written).
 template <typename T>
-void grad_v_span(T* out, const T* gw, const T* v, int64_t n, const WeightNormGrad<at::opmath_type<T>>& k) {
+void grad_v_span(T* out, const T* gw, const T* v, int64_t n, const WeightNormGrad<at::opmath_type<T>>& k, bool stream) {
   const auto va = Acc<T>(k.a), hi = Acc<T>(k.c_hi), lo = Acc<T>(k.c_lo);
-  at::vec::map2<T>([va, hi, lo](Acc<T> p, Acc<T> q) { return va * at::vec::fmadd(q, lo, at::vec::fmadd(q, hi, p)); },
-                   out, gw, v, n);
+  auto f = [va, hi, lo](Acc<T> p, Acc<T> q) { return va * at::vec::fmadd(q, lo, at::vec::fmadd(q, hi, p)); };
+  if constexpr (std::is_same_v<T, at::opmath_type<T>>) {
+    using Vec = Vectorized<T>;
+    int64_t i = 0;
+    for (; i + Vec::size() <= n; i += Vec::size()) store_maybe_streaming(out + i, f(Vec::loadu(gw + i), Vec::loadu(v + i)), stream);
+    if (i < n) f(Vec::loadu(gw + i, n - i), Vec::loadu(v + i, n - i)).store(out + i, n - i);
+  } else {
+    at::vec::map2<T>(f, out, gw, v, n);
+  }
 }
 
 int64_t threads() { return std::max<int64_t>(1, at::get_num_threads()); }
@@ -74,13 +91,14 @@ void slice_pass(const WeightNormArgs& a, Reduce&& reduce, Finish&& finish, Write
   const int64_t D = a.D, outer = a.outer, inner = a.inner, per_slice = outer * inner;
   auto run_offset = [&](int64_t d, int64_t o) { return (o * D + d) * inner; };
   if (D >= 4 * threads() || per_slice * D <= kGrain) {
-    at::parallel_for(0, D, std::max<int64_t>(1, kGrain / std::max<int64_t>(per_slice, 1)), [&](int64_t d0, int64_t d1) {
+    at::parallel_for(0, D, per_slice * D <= kGrain ? D : 1, [&](int64_t d0, int64_t d1) {
       for (int64_t d = d0; d < d1; ++d) {
         double total = 0;
         for (int64_t o = 0; o < outer; ++o) total += reduce(run_offset(d, o), inner);
         finish(d, total);
         for (int64_t o = 0; o < outer; ++o) write(d, run_offset(d, o), inner);
       }
+      stream_fence();
     });
     return;
   }
@@ -112,6 +130,7 @@ void slice_pass(const WeightNormArgs& a, Reduce&& reduce, Finish&& finish, Write
       piece(t, d, off, n);
       write(d, off, n);
     }
+    stream_fence();
   });
 }
 
@@ -150,6 +169,7 @@ void forward_impl(const WeightNormArgs& a) {
   T* w = a.w.data_ptr<T>();
   const acc_t* g = a.g.data_ptr<acc_t>();
   acc_t* norm = a.norm.data_ptr<acc_t>();
+  const bool stream = a.w.nbytes() >= kStreamBytes;
   std::vector<double> s(a.D);
   if (a.inner == 1 && a.D > 1) {
     const auto ss = column_totals<T>(a, [&](int64_t r, double* acc) { add_products<T>(acc, v + r * a.D, v + r * a.D, a.D); });
@@ -173,7 +193,7 @@ void forward_impl(const WeightNormArgs& a) {
         norm[d] = acc_t(n);
         s[d] = double(g[d]) / n;
       },
-      [&](int64_t d, int64_t off, int64_t n) { scale_any(w + off, v + off, n, s[d]); });
+      [&](int64_t d, int64_t off, int64_t n) { scale_any(w + off, v + off, n, s[d], stream); });
 }
 
 template <typename T>
@@ -185,6 +205,7 @@ void backward_impl(const WeightNormArgs& a) {
   const acc_t* g = a.g.data_ptr<acc_t>();
   const acc_t* norm = a.norm.data_ptr<acc_t>();
   acc_t* grad_g = a.grad_g.data_ptr<acc_t>();
+  const bool stream = a.grad_v.nbytes() >= kStreamBytes;
   std::vector<WeightNormGrad<acc_t>> k(a.D);
   auto finish = [&](int64_t d, double dt) {
     k[d] = wn_grad<acc_t>(double(g[d]), double(norm[d]), dt);
@@ -205,7 +226,7 @@ void backward_impl(const WeightNormArgs& a) {
   }
   slice_pass(
       a, [&](int64_t off, int64_t n) { return dot(gw + off, v + off, n); }, finish,
-      [&](int64_t d, int64_t off, int64_t n) { grad_v_span(gv + off, gw + off, v + off, n, k[d]); });
+      [&](int64_t d, int64_t off, int64_t n) { grad_v_span(gv + off, gw + off, v + off, n, k[d], stream); });
 }
 
 template <typename T>
