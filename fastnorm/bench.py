@@ -184,6 +184,96 @@ def machine_description(device):
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
+# ---------------------------------------------------------------------------------------
+# Weight norm: the reparametrization materialized (against torch._weight_norm and a copy of
+# the same bytes), and weight-normed layers (against the plain layer and torch's
+# parametrization), forward + backward.
+
+@dataclass
+class WNResult:
+    name: str
+    dtype: str
+    device: str
+    ms: dict = field(default_factory=dict)
+
+
+def wn_suite(quick):
+    if quick:
+        return [("materialize 256x128 dim0", (256, 128), 0, torch.float32),
+                ("layer linear 128->128 b8", (8, 128, 128), "linear", torch.float32)]
+    return [
+        ("materialize 4096x4096 dim0", (4096, 4096), 0, torch.float32),
+        ("materialize 4096x4096 dim0", (4096, 4096), 0, torch.bfloat16),
+        ("materialize 4096x4096 dim1", (4096, 4096), 1, torch.float32),
+        ("materialize conv 512x256x3x3 dim0", (512, 256, 3, 3), 0, torch.float32),
+        ("materialize 4096x4096 whole", (4096, 4096), None, torch.float32),
+        ("layer linear 4096->4096 b32", (32, 4096, 4096), "linear", torch.float32),
+        ("layer conv 256->256 3x3 b32 14x14", (32, 256, 14), "conv", torch.float32),
+    ]
+
+
+def run_wn_case(case, device, min_run_time):
+    import copy
+
+    name, shape, dim, dtype = case
+    res = WNResult(name, str(dtype).replace("torch.", ""), device)
+    if dim in ("linear", "conv"):
+        if dim == "linear":
+            batch, n_in, n_out = shape
+            plain = torch.nn.Linear(n_in, n_out, device=device, dtype=dtype)
+            x = torch.randn(batch, n_in, device=device, dtype=dtype, requires_grad=True)
+        else:
+            batch, channels, size = shape
+            plain = torch.nn.Conv2d(channels, channels, 3, padding=1, device=device, dtype=dtype)
+            x = torch.randn(batch, channels, size, size, device=device, dtype=dtype, requires_grad=True)
+        layers = {"plain": plain, "fastnorm": fastnorm.weight_norm(copy.deepcopy(plain)),
+                  "torch": torch.nn.utils.parametrizations.weight_norm(copy.deepcopy(plain))}
+        g = torch.randn_like(plain(x))
+        for impl, layer in layers.items():
+            params = [x] + list(layer.parameters())
+            res.ms[f"{impl} fwd+bwd"] = median_ms(lambda: torch.autograd.grad(layer(x), params, g), min_run_time)
+        return res
+    v = torch.randn(shape, device=device, dtype=dtype)
+    d = -1 if dim is None else dim
+    gshape = [1] * len(shape)
+    if d != -1:
+        gshape[d] = shape[d]
+    gv = torch.rand(gshape, device=device, dtype=dtype)
+    impls = {"fastnorm": lambda a, b: fastnorm.functional.weight_norm(a, b, dim), "torch": lambda a, b: torch._weight_norm(a, b, d)}
+    for impl, fn in impls.items():
+        res.ms[f"{impl} fwd"] = median_ms(lambda: fn(v, gv), min_run_time)
+        vr, gr = v.clone().requires_grad_(), gv.clone().requires_grad_()
+        gw = torch.randn_like(v)
+        res.ms[f"{impl} fwd+bwd"] = median_ms(lambda: torch.autograd.grad(fn(vr, gr), (vr, gr), gw), min_run_time)
+    dst = torch.empty_like(v)
+    res.ms["copy"] = median_ms(lambda: dst.copy_(v), min_run_time)
+    return res
+
+
+def format_wn_results(results):
+    lines = []
+    for device in sorted({r.device for r in results}):
+        rows = [r for r in results if r.device == device]
+        lines += [f"### weight norm, {device}", "",
+                  "| case | dtype | fastnorm fwd ms | torch fwd ms | x vs torch | fwd / copy | fastnorm fwd+bwd ms | "
+                  "torch fwd+bwd ms | x vs torch | layer: plain fwd+bwd ms | fastnorm / plain | torch / plain |",
+                  "|" + "---|" * 12]
+        for r in rows:
+            m = r.ms
+            if "plain fwd+bwd" in m:
+                cells = [r.name, r.dtype, "", "", "", "", f"{m['fastnorm fwd+bwd']:.3f}", f"{m['torch fwd+bwd']:.3f}",
+                         f"{m['torch fwd+bwd'] / m['fastnorm fwd+bwd']:.2f}", f"{m['plain fwd+bwd']:.3f}",
+                         f"{m['fastnorm fwd+bwd'] / m['plain fwd+bwd']:.2f}", f"{m['torch fwd+bwd'] / m['plain fwd+bwd']:.2f}"]
+            else:
+                cells = [r.name, r.dtype, f"{m['fastnorm fwd']:.3f}", f"{m['torch fwd']:.3f}",
+                         f"{m['torch fwd'] / m['fastnorm fwd']:.2f}", f"{m['fastnorm fwd'] / m['copy']:.2f}",
+                         f"{m['fastnorm fwd+bwd']:.3f}", f"{m['torch fwd+bwd']:.3f}",
+                         f"{m['torch fwd+bwd'] / m['fastnorm fwd+bwd']:.2f}", "", "", ""]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main(argv):
     p = argparse.ArgumentParser(prog="python -m fastnorm bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -195,6 +285,8 @@ def main(argv):
                    help="also time torch.compile of torch's batch norm (default: on CUDA only)")
     p.add_argument("--no-compile", dest="compile", action="store_false")
     p.add_argument("--filter", default="", help="only cases whose name contains this")
+    p.add_argument("--suite", choices=["all", "batch_norm", "weight_norm"], default="all",
+                   help="which op family to time")
     p.add_argument("--min-run-time", type=float, default=None, help="seconds per measurement")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--markdown", help="write the table here")
@@ -206,7 +298,7 @@ def main(argv):
     if not devices:
         p.error("CUDA asked for, but no GPU is visible")
     min_run_time = args.min_run_time or (0.02 if args.quick else 0.3)
-    results, impls_seen, machines = [], ["fastnorm", "torch"], {}
+    results, wn_results, impls_seen, machines = [], [], ["fastnorm", "torch"], {}
     for device in devices:
         batch = args.batch or (32 if device == "cpu" else 64)
         cases = quick_suite() if args.quick else default_suite(batch)
@@ -215,14 +307,23 @@ def main(argv):
         if compile_torch and "compile" not in impls_seen:
             impls_seen.append("compile")
         machines[device] = machine_description(device)
-        print(f"# {device}: {machines[device]}, {len(cases)} cases", flush=True)
+        if args.suite == "weight_norm":
+            cases = []
+        print(f"# {device}: {machines[device]}, {len(cases)} batch-norm cases", flush=True)
         for case in cases:
             r = run_case(case, device, min_run_time, compile_torch)
             results.append(r)
             print(f"  {case.name:24s} {r.dtype:8s} {r.layout:13s} "
                   + "  ".join(f"{k} {v:.3f}ms" for k, v in r.ms.items()), flush=True)
+        if args.suite != "batch_norm":
+            for case in wn_suite(args.quick):
+                if args.filter in case[0]:
+                    r = run_wn_case(case, device, min_run_time)
+                    wn_results.append(r)
+                    print(f"  {r.name:34s} {r.dtype:8s} " + "  ".join(f"{k} {v:.3f}ms" for k, v in r.ms.items()),
+                          flush=True)
     impls = [i for i in impls_seen if all(f"{i} fwd" in r.ms for r in results)]
-    table = format_results(results, impls)
+    table = (format_results(results, impls) if results else "") + "\n" + format_wn_results(wn_results)
     header = (f"fastnorm {fastnorm.__version__}, torch {torch.__version__}, "
               f"{datetime.date.today().isoformat()}; "
               + "; ".join(f"{d}: {m}" for d, m in machines.items())
@@ -236,6 +337,6 @@ def main(argv):
                     f"{table}\n")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"header": header, "machines": machines,
-                       "results": [asdict(r) for r in results]}, f, indent=1)
+            json.dump({"header": header, "machines": machines, "results": [asdict(r) for r in results],
+                       "weight_norm": [asdict(r) for r in wn_results]}, f, indent=1)
     return 0
