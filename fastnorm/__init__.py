@@ -4,6 +4,8 @@ from . import _ops
 from . import functional
 from .batchnorm import (BatchNorm1d, BatchNorm2d, BatchNorm3d, MeanOnlyBatchNorm1d, MeanOnlyBatchNorm2d,
                         MeanOnlyBatchNorm3d)
+from .sync_batchnorm import SyncBatchNorm
+from .convert import convert, fold_batch_norm, revert
 from .weight_norm import data_dependent_init, remove_weight_norm, weight_norm
 from . import reference
 
@@ -34,10 +36,14 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "SyncBatchNorm",
     "MeanOnlyBatchNorm1d",
     "MeanOnlyBatchNorm2d",
     "MeanOnlyBatchNorm3d",
     "weight_norm",
     "remove_weight_norm",
     "data_dependent_init",
+    "convert",
+    "revert",
+    "fold_batch_norm",
 ]

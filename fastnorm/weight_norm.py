@@ -82,6 +82,19 @@ def _register(module, name, dim, eps):
         cls.forward = _SCALED_FORWARDS[base]
 
 
+def _adopt(module, name, dim, eps, g, v):
+    """Registers fastnorm's weight norm on module.<name> (a plain tensor attribute or none)
+    with the given g and v Parameters themselves (optimizers keep working)."""
+    if not isinstance(getattr(module, name, None), torch.Tensor):
+        module.register_parameter(name, nn.Parameter(v.detach().clone(), requires_grad=v.requires_grad))
+    _register(module, name, dim, eps)
+    plist = module.parametrizations[name]
+    plist.original0 = g
+    plist.original1 = v
+    module._register_load_state_dict_pre_hook(_LegacyKeys(name))
+    return module
+
+
 def remove_weight_norm(module, name="weight"):
     """Removes the weight normalization of ``module.<name>``, leaving ``w`` as a plain
     parameter. Returns the module."""
@@ -129,7 +142,7 @@ def _rebuild(base, state, specs):
         plist = module.parametrizations[name]
         plist.original0 = g
         plist.original1 = v
-    return module
+    return module  # (the state-dict hooks came back with __dict__)
 
 
 # ---------------------------------------------------------------------------------------
