@@ -10,7 +10,7 @@ from torch.nn.utils import parametrize
 
 from . import batchnorm as fbn
 from .sync_batchnorm import SyncBatchNorm
-from .weight_norm import _adopt, _WeightNorm, weight_norm_of
+from .weight_norm import _adopt, _remove, _WeightNorm, weight_norm_of
 
 _TO_FAST = {nn.BatchNorm1d: fbn.BatchNorm1d, nn.BatchNorm2d: fbn.BatchNorm2d, nn.BatchNorm3d: fbn.BatchNorm3d}
 _TO_TORCH = {fast: torch_cls for torch_cls, fast in _TO_FAST.items()}
@@ -69,7 +69,7 @@ def _torch_weight_norms(m):
     for name, plist in plists.items():
         if len(plist) == 1 and type(plist[0]).__name__ == "_WeightNorm" and not isinstance(plist[0], _WeightNorm):
             found.append((name, plist[0].dim, plist.original0, plist.original1,
-                          lambda n=name: parametrize.remove_parametrizations(m, n, leave_parametrized=True)))
+                          lambda n=name: _remove(m, n)))
     for hook in list(m._forward_pre_hooks.values()):
         if type(hook).__name__ == "WeightNorm" and hasattr(hook, "name"):
             g, v = getattr(m, hook.name + "_g"), getattr(m, hook.name + "_v")
@@ -94,7 +94,7 @@ def _to_torch_weight_norm(m):
             raise ValueError(f"revert: {type(m).__name__}.{name} has a weight norm with eps={wn.eps}, which torch's "
                              "cannot hold")
         g, v = plists[name].original0, plists[name].original1
-        parametrize.remove_parametrizations(m, name, leave_parametrized=True)
+        _remove(m, name)
         nn.utils.parametrizations.weight_norm(m, name, dim=None if wn.dim == -1 else wn.dim)
         m.parametrizations[name].original0 = g
         m.parametrizations[name].original1 = v
@@ -208,13 +208,15 @@ def fuse_batch_norm_activations(model):
         if act is None:
             continue
         bn.activation, bn.negative_slope = act
-        if residual is not None:
-            add_node, other = residual
-            node.args = (node.args[0], other)
-            add_node.replace_all_uses_with(node)
-            gm.graph.erase_node(add_node)
-        nxt.replace_all_uses_with(node)
+        # the fused call goes where the activation was: after the residual, which may be
+        # computed after the batch norm
+        with gm.graph.inserting_before(nxt):
+            fused = gm.graph.call_module(node.target, (node.args[0],) + ((residual[1],) if residual else ()))
+        nxt.replace_all_uses_with(fused)
         gm.graph.erase_node(nxt)
+        if residual is not None:
+            gm.graph.erase_node(residual[0])
+        gm.graph.erase_node(node)
         changed = True
     if not changed:
         return model
@@ -228,7 +230,7 @@ def _fold(conv, bn):
     """Folds eval-mode bn into conv (Conv1d/2d/3d or Linear), in float64, keeping conv's
     dtype and memory format."""
     if parametrize.is_parametrized(conv, "weight"):
-        parametrize.remove_parametrizations(conv, "weight", leave_parametrized=True)
+        _remove(conv, "weight")
     w = conv.weight
     mean, var = bn.running_mean.double(), bn.running_var.double()
     gamma = bn.weight.double() if bn.weight is not None else torch.ones_like(mean)

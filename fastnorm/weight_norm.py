@@ -73,7 +73,23 @@ def weight_norm(module, name="weight", dim=0, *, eps=0.0):
     return module
 
 
+def _private_class(module):
+    """Gives a parametrized module a class of its own. parametrize makes one class per
+    module, but deep copies share it, so adding or removing a parametrization (a property
+    of the class) on one copy would change every other."""
+    if parametrize.is_parametrized(module):
+        cls = module.__class__
+        module.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
+
+
+def _remove(module, name):
+    """parametrize.remove_parametrizations, leaving the current value, on this module alone."""
+    _private_class(module)
+    parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+
+
 def _register(module, name, dim, eps):
+    _private_class(module)
     parametrize.register_parametrization(module, name, _WeightNorm(dim, eps), unsafe=True)
     cls = module.__class__  # the class parametrize made for this module alone
     cls.__reduce_ex__ = _reduce_ex
@@ -101,7 +117,7 @@ def remove_weight_norm(module, name="weight"):
     plist = getattr(getattr(module, "parametrizations", None), name, None) if hasattr(module, "parametrizations") else None
     if plist is None or not any(isinstance(p, _WeightNorm) for p in plist):
         raise ValueError(f"remove_weight_norm: {type(module).__name__}.{name} has no fastnorm weight norm")
-    parametrize.remove_parametrizations(module, name, leave_parametrized=True)
+    _remove(module, name)
     return module
 
 

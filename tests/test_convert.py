@@ -16,7 +16,8 @@ TOL = TOLERANCES[torch.float32]
 
 
 class Block(nn.Module):
-    """A residual block ending in bn -> + identity -> relu, as in ResNet."""
+    """A residual block ending in bn -> + shortcut -> relu, as in ResNet; the shortcut (with
+    its own batch norm) is computed after bn2."""
 
     def __init__(self, c):
         super().__init__()
@@ -24,11 +25,12 @@ class Block(nn.Module):
         self.bn1 = nn.BatchNorm2d(c)
         self.conv2 = nn.Conv2d(c, c, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(c)
+        self.shortcut = nn.Sequential(nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c))
 
     def forward(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        out += x
+        out += self.shortcut(x)
         return F.relu(out)
 
 
@@ -121,7 +123,9 @@ def test_fx_fusion_of_activations_and_residual():
     assert bn("stem.1").activation == "silu"
     assert bn("block.bn1").activation == "relu" and bn("block.bn2").activation == "relu"
     assert bn("bn1d").activation == "leaky_relu" and bn("bn1d").negative_slope == 0.2
-    assert bn("bn3d").activation is None
+    assert bn("bn3d").activation is None and bn("block.shortcut.1").activation is None
+    bn2_calls = [n for n in fused.graph.nodes if n.target == "block.bn2"]
+    assert len(bn2_calls) == 1 and bn2_calls[0].args[1].target == "block.shortcut.1"  # the residual
     assert not any(n.op == "call_function" and n.target in (F.relu, F.silu, F.leaky_relu) for n in fused.graph.nodes)
     after = forward_backward(fused, x)
     torch.testing.assert_close(after[0], before[0], rtol=1e-5, atol=1e-6)
@@ -182,3 +186,19 @@ def test_fold_falls_back_to_sequential_pairs():
     folded = fastnorm.fold_batch_norm(model)
     assert isinstance(folded.body[1], nn.Identity)
     torch.testing.assert_close(folded(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_converting_a_deep_copy_leaves_the_original_alone():
+    # parametrize's deep copies share one class; converting (or reverting) one copy must
+    # not take the weight property away from the others
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(4, 3)))
+    twin = copy.deepcopy(model)
+    x = torch.randn(2, 4)
+    expected = model(x)
+    fastnorm.revert(fastnorm.convert(twin))
+    torch.testing.assert_close(model(x), expected)
+    torch.testing.assert_close(twin(x), expected, **TOL)
+    copy_of_converted = copy.deepcopy(fastnorm.convert(copy.deepcopy(model)))
+    fastnorm.revert(copy_of_converted)
+    torch.testing.assert_close(model(x), expected)

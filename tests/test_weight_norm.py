@@ -210,8 +210,11 @@ def test_copy_pickle_save_and_remove():
     torch.save(m, buf)
     buf.seek(0)
     torch.testing.assert_close(torch.load(buf, weights_only=False)(x), m(x))
-    y = m(x)
+    y, w = m(x), m.weight
+    kept = copy.deepcopy(m)  # shares parametrize's class with m: removing on m must not touch it
     fastnorm.remove_weight_norm(m)
+    torch.testing.assert_close(kept(x), y)
+    torch.testing.assert_close(kept.weight, w)
     assert type(m) is nn.Linear and isinstance(m.weight, nn.Parameter)
     torch.testing.assert_close(m(x), y)
     with pytest.raises(ValueError, match="has no fastnorm weight norm"):
