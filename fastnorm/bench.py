@@ -2,7 +2,8 @@
 
 Every case times fastnorm and torch (eager; and torch.compile with --compile, the default on
 CUDA) in the same run: training forward, and forward + backward. Times are medians of
-torch.utils.benchmark (warm-up excluded, CUDA synchronized). Bandwidth: the bytes that must
+torch.utils.benchmark (warm-up excluded, CUDA synchronized), taken in rounds that
+interleave the contenders so that drift in the machine's speed falls on all alike. Bandwidth: the bytes that must
 move (forward: read x, write y; backward: read dy and x, write dx) over the time, and as a
 share of what a copy of the same bytes achieves on this machine.
 
@@ -16,6 +17,7 @@ import datetime
 import json
 import math
 import platform
+import statistics
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -91,10 +93,19 @@ def keep_freed_memory():
         return False
 
 
-def median_ms(fn, min_run_time):
-    fn()  # warm-up: allocations, first-call costs, compilation
-    timer = Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
+def median_ms(fns, min_run_time, rounds=5):
+    """Median milliseconds of each named callable. They are measured in interleaved rounds
+    (the order rotating each round) and the medians of the rounds kept, so that a drift in
+    the machine's speed (other tenants, clocks) falls on every contender alike."""
+    for fn in fns.values():
+        fn()  # warm-up: allocations, first-call costs, compilation
+    timers = {k: Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()) for k, fn in fns.items()}
+    samples = {k: [] for k in fns}
+    keys = list(fns)
+    for r in range(rounds):
+        for k in keys[r % len(keys):] + keys[:r % len(keys)]:
+            samples[k].append(timers[k].blocked_autorange(min_run_time=min_run_time / rounds).median)
+    return {k: statistics.median(v) * 1e3 for k, v in samples.items()}
 
 
 def _torch_bn(x, rm, rv, w, b):
@@ -121,17 +132,21 @@ def run_case(case, device, min_run_time, compile_torch):
                  device)
     esize = x.element_size()
     res.bytes = {"fwd": 2 * x.numel() * esize, "fwd+bwd": 5 * x.numel() * esize}
+    fns = {}
     for impl, fn in impls.items():
-        with torch.no_grad():
-            res.ms[f"{impl} fwd"] = median_ms(lambda: fn(x, rm, rv, w, b), min_run_time)
+        def fwd(fn=fn):
+            with torch.no_grad():
+                fn(x, rm, rv, w, b)
 
-        def fwd_bwd():
+        def fwd_bwd(fn=fn):
             torch.autograd.grad(fn(x, rm, rv, w, b), (x, w, b), g)
 
-        res.ms[f"{impl} fwd+bwd"] = median_ms(fwd_bwd, min_run_time)
+        fns[f"{impl} fwd"], fns[f"{impl} fwd+bwd"] = fwd, fwd_bwd
     src = x.detach()
     dst = torch.empty_like(src)
-    res.copy_ms = median_ms(lambda: dst.copy_(src), min_run_time)
+    fns["copy"] = lambda: dst.copy_(src)
+    res.ms = median_ms(fns, min_run_time)
+    res.copy_ms = res.ms.pop("copy")
     return res
 
 
@@ -229,9 +244,9 @@ def run_wn_case(case, device, min_run_time):
         layers = {"plain": plain, "fastnorm": fastnorm.weight_norm(copy.deepcopy(plain)),
                   "torch": torch.nn.utils.parametrizations.weight_norm(copy.deepcopy(plain))}
         g = torch.randn_like(plain(x))
-        for impl, layer in layers.items():
-            params = [x] + list(layer.parameters())
-            res.ms[f"{impl} fwd+bwd"] = median_ms(lambda: torch.autograd.grad(layer(x), params, g), min_run_time)
+        fns = {f"{impl} fwd+bwd": (lambda layer=layer: torch.autograd.grad(layer(x), [x] + list(layer.parameters()), g))
+               for impl, layer in layers.items()}
+        res.ms = median_ms(fns, min_run_time)
         return res
     v = torch.randn(shape, device=device, dtype=dtype)
     d = -1 if dim is None else dim
@@ -240,13 +255,15 @@ def run_wn_case(case, device, min_run_time):
         gshape[d] = shape[d]
     gv = torch.rand(gshape, device=device, dtype=dtype)
     impls = {"fastnorm": lambda a, b: fastnorm.functional.weight_norm(a, b, dim), "torch": lambda a, b: torch._weight_norm(a, b, d)}
+    fns = {}
     for impl, fn in impls.items():
-        res.ms[f"{impl} fwd"] = median_ms(lambda: fn(v, gv), min_run_time)
         vr, gr = v.clone().requires_grad_(), gv.clone().requires_grad_()
         gw = torch.randn_like(v)
-        res.ms[f"{impl} fwd+bwd"] = median_ms(lambda: torch.autograd.grad(fn(vr, gr), (vr, gr), gw), min_run_time)
+        fns[f"{impl} fwd"] = lambda fn=fn: fn(v, gv)
+        fns[f"{impl} fwd+bwd"] = lambda fn=fn, vr=vr, gr=gr, gw=gw: torch.autograd.grad(fn(vr, gr), (vr, gr), gw)
     dst = torch.empty_like(v)
-    res.ms["copy"] = median_ms(lambda: dst.copy_(v), min_run_time)
+    fns["copy"] = lambda: dst.copy_(v)
+    res.ms = median_ms(fns, min_run_time)
     return res
 
 
