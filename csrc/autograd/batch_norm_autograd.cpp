@@ -148,6 +148,7 @@ variable_list backward_from_saved(AutogradContext* ctx, const Tensor& grad_out, 
 
   static const auto backward_op = op<BackwardFn>("fastnorm::batch_norm_backward");
   const bool preact_grad = want_residual && act != 0;
+  at::AutoDispatchBelowADInplaceOrView guard;  // straight to the kernel: no autograd fallback per call
   auto [gi, gw, gb, gz] =
       backward_op.call(grad_out, input, mean, var, none_if_undefined(weight), none_if_undefined(bias),
                        none_if_undefined(res), none_if_undefined(out), eps, training, act, slope, want_input,

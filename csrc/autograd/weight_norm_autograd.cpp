@@ -75,6 +75,7 @@ class WeightNorm : public torch::autograd::Function<WeightNorm> {
       return {grads_vg[0], grads_vg[1], Tensor(), Tensor()};
     }
     static const auto bwd = op<BackwardFn>("fastnorm::weight_norm_backward");
+    at::AutoDispatchBelowADInplaceOrView guard;  // straight to the kernel: no autograd fallback per call
     auto [grad_v, grad_g] = bwd.call(grad_w, v, g, norm, dim);
     return {grad_v, grad_g, Tensor(), Tensor()};
   }

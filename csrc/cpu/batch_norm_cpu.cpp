@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "batch_norm.h"
+#include "cpu/lanes.h"
 #include "cpu/stream_store.h"
 
 namespace fastnorm::cpu {
@@ -36,61 +37,6 @@ constexpr int64_t kMinRowsPerBlock = 64;  // and at least this many values per c
 constexpr int64_t kMaxAdds = 256;         // additions into one float32 accumulator per block
 constexpr int64_t kGrain = 32768;         // values below which a loop stays on one thread
 constexpr int64_t kMaxGroupWidth = 4096;  // widest repeating row group (see RowGroups)
-
-// Loads and stores kWidth values of scalar_t as kVecs vectors of the accumulation type; a
-// count n of type int64_t means a partial vector, std::integral_constant a full one.
-template <typename scalar_t>
-struct Lanes {
-  using acc_t = at::opmath_type<scalar_t>;
-  using Vec = Vectorized<acc_t>;
-  static constexpr int64_t kVecs = Vectorized<scalar_t>::size() / Vec::size();
-  static constexpr int64_t kWidth = Vectorized<scalar_t>::size();
-  using Full = std::integral_constant<int64_t, kWidth>;
-  static_assert(kVecs == 1 || kVecs == 2, "unexpected vector width");
-
-  template <class N>
-  static inline void load(const scalar_t* p, Vec* out, N n) {
-    constexpr bool full = !std::is_same_v<N, int64_t>;
-    if constexpr (kVecs == 1) {
-      out[0] = full ? Vec::loadu(p) : Vec::loadu(p, n);
-    } else {
-      const auto v = full ? Vectorized<scalar_t>::loadu(p) : Vectorized<scalar_t>::loadu(p, n);
-      auto [lo, hi] = at::vec::convert_to_float<scalar_t>(v);
-      out[0] = lo;
-      out[1] = hi;
-    }
-  }
-  // `stream`: a streaming store where p allows (see stream_store.h).
-  template <class N>
-  static inline void store(scalar_t* p, const Vec* in, N n, bool stream = false) {
-    constexpr bool full = !std::is_same_v<N, int64_t>;
-    if constexpr (kVecs == 1) {
-      if constexpr (full) {
-        store_maybe_streaming(p, in[0], stream);
-      } else {
-        in[0].store(p, n);
-      }
-    } else {
-      const auto v = at::vec::convert_from_float<scalar_t>(in[0], in[1]);
-      if constexpr (full) {
-        store_maybe_streaming(p, v, stream);
-      } else {
-        v.store(p, n);
-      }
-    }
-  }
-  // Vector i of a block of n values, its missing lanes zeroed (a no-op for full blocks).
-  template <class N>
-  static inline Vec valid(const Vec& v, int64_t i, N n) {
-    if constexpr (!std::is_same_v<N, int64_t>) {
-      return v;
-    } else {
-      const int64_t k = n - i * Vec::size();
-      if (k >= Vec::size()) return v;
-      return k <= 0 ? Vec(0) : Vec::set(Vec(0), v, k);
-    }
-  }
-};
 
 template <Activation A, typename Vec>
 inline Vec activate_vec(Vec z, Vec slope) {
@@ -222,23 +168,6 @@ struct PositionSums {
     (Vec::loadu(q + Vec::size()) + b).store(q + Vec::size());
   }
 };
-
-// Runs body(i, count) over a span of n values in vector steps, unrolled by 4 for the
-// reductions' independent accumulators: count is Full for whole vectors, an int64_t for
-// the last, partial one; u (0..3) names the accumulator.
-template <int64_t KW, typename Body>
-inline void span_loop(int64_t n, Body&& body) {
-  using Full = std::integral_constant<int64_t, KW>;
-  int64_t i = 0;
-  for (; i + 4 * KW <= n; i += 4 * KW) {
-    body(i, Full{}, std::integral_constant<int, 0>{});
-    body(i + KW, Full{}, std::integral_constant<int, 1>{});
-    body(i + 2 * KW, Full{}, std::integral_constant<int, 2>{});
-    body(i + 3 * KW, Full{}, std::integral_constant<int, 3>{});
-  }
-  for (; i + KW <= n; i += KW) body(i, Full{}, std::integral_constant<int, 0>{});
-  if (i < n) body(i, n - i, std::integral_constant<int, 1>{});
-}
 
 // ---------------------------------------------------------------------------------------
 // The element kernels, one span at a time. Every pointer points at the span's first value;

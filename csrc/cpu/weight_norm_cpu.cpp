@@ -1,8 +1,8 @@
 // Weight norm on the CPU: one parallel pass per direction. A thread owns whole slices when
 // there are enough of them: it reduces a slice (sum of squares forward, sum of grad_w * v
 // backward) and writes it right away, while it is in cache. Few slices (the whole-tensor
-// norm) are cut into pieces reduced in parallel, then written in parallel. The last-dim
-// norm (slices strided across rows) reduces blocks of rows vectorized across slices.
+// norm) are cut into pieces reduced in parallel, then written in parallel. Slices made of
+// short runs (the last-dim norm) are walked row by row, vectorized across slices.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "common/weight_norm_math.h"
+#include "cpu/lanes.h"
 #include "cpu/stream_store.h"
 #include "weight_norm.h"
 
@@ -24,62 +25,105 @@ using at::vec::Vectorized;
 constexpr int64_t kChunk = 8192;    // values summed in float32 before adding into float64
 constexpr int64_t kPiece = 65536;   // values per piece when slices are shared between threads
 constexpr int64_t kGrain = 32768;   // values below which a loop stays on one thread
-constexpr int64_t kRowBlock = 256;  // rows per block of the last-dim reduction
+constexpr int64_t kMinRun = 32;     // runs shorter than this take the short-run path
+constexpr int64_t kRowBlock = 256;  // rows per block of the short-run reduction
+constexpr int64_t kColumns = 4096;  // positions per chunk of a short-run row
 
-// The at::vec functional helpers, their lambdas on vectors of the accumulation type
-// (float32 for float16/bfloat16 data).
+// sum(p * q) over n values: chunks of kChunk summed in the accumulation type with four
+// independent accumulators (span_loop), chunk totals added in float64.
 template <typename T>
-using Acc = Vectorized<at::opmath_type<T>>;
+double dot(const T* __restrict p, const T* __restrict q, int64_t n) {
+  using L = Lanes<T>;
+  using Vec = typename L::Vec;
+  double total = 0;
+  if (n < L::kWidth) {  // a short run: no horizontal vector sum
+    for (int64_t i = 0; i < n; ++i) total += double(p[i]) * double(q[i]);
+    return total;
+  }
+  for (int64_t c = 0; c < n; c += kChunk) {
+    const int64_t m = std::min(kChunk, n - c);
+    Vec acc[4][L::kVecs];
+    for (auto& a : acc) {
+      for (auto& v : a) v = Vec(0);
+    }
+    span_loop<L::kWidth>(m, [&](int64_t i, auto cnt, auto u) {
+      Vec x[L::kVecs], y[L::kVecs];
+      L::load(p + c + i, x, cnt);
+      L::load(q + c + i, y, cnt);  // a partial vector loads zeros past the end
+      for (int64_t k = 0; k < L::kVecs; ++k) acc[u][k] = at::vec::fmadd(x[k], y[k], acc[u][k]);
+    });
+    Vec sum = Vec(0);
+    for (auto& a : acc) {
+      for (auto& v : a) sum = sum + v;
+    }
+    total += double(at::vec::vec_reduce_all<at::opmath_type<T>>([](Vec a, Vec b) { return a + b; }, sum));
+  }
+  return total;
+}
 
 template <typename T>
 double sum_squares(const T* p, int64_t n) {
-  double total = 0;
-  for (int64_t i = 0; i < n; i += kChunk) {
-    total += double(at::vec::map_reduce_all<T>([](Acc<T> x) { return x * x; }, [](Acc<T> x, Acc<T> y) { return x + y; },
-                                                p + i, std::min(kChunk, n - i)));
-  }
-  return total;
+  return dot(p, p, n);
 }
 
-template <typename T>
-double dot(const T* a, const T* b, int64_t n) {
-  double total = 0;
-  for (int64_t i = 0; i < n; i += kChunk) {
-    total += double(at::vec::map2_reduce_all<T>([](Acc<T> x, Acc<T> y) { return x * y; },
-                                                 [](Acc<T> x, Acc<T> y) { return x + y; }, a + i, b + i,
-                                                 std::min(kChunk, n - i)));
+// Per-slice coefficients of the element passes: one value for a whole span (kPerLane
+// false: slices with runs), or one per lane read from an array (last-dim slices, where
+// consecutive values belong to consecutive slices; the arrays are padded to whole vectors).
+template <typename acc_t, bool kPerLane>
+struct Coef {
+  const acc_t* p;
+  Vectorized<acc_t> at(int64_t i) const { return kPerLane ? Vectorized<acc_t>::loadu(p + i) : Vectorized<acc_t>(*p); }
+  acc_t value(int64_t i) const { return kPerLane ? p[i] : *p; }
+};
+
+// out = in * s over n values; streaming stores for large outputs (stream_store.h).
+template <typename T, bool kPerLane>
+void scale_span(T* __restrict out, const T* __restrict in, int64_t n, Coef<at::opmath_type<T>, kPerLane> s,
+                bool stream) {
+  using L = Lanes<T>;
+  if (n < L::kWidth) {  // a short run: a partial vector would cost more than the values
+    for (int64_t i = 0; i < n; ++i) out[i] = T(at::opmath_type<T>(in[i]) * s.value(i));
+    return;
   }
-  return total;
+  span_loop<L::kWidth>(n, [&](int64_t i, auto cnt, auto) {
+    typename L::Vec x[L::kVecs];
+    L::load(in + i, x, cnt);
+    for (int64_t k = 0; k < L::kVecs; ++k) x[k] = x[k] * s.at(i + k * L::Vec::size());
+    L::store(out + i, x, cnt, stream);
+  });
 }
 
-// out = in * s; large outputs in float32/float64 with streaming stores (stream_store.h).
-template <typename T>
-void scale_any(T* out, const T* in, int64_t n, double s, bool stream) {
-  const auto vs = Acc<T>(at::opmath_type<T>(s));
-  if constexpr (std::is_same_v<T, at::opmath_type<T>>) {
-    using Vec = Vectorized<T>;
-    int64_t i = 0;
-    for (; i + Vec::size() <= n; i += Vec::size()) store_maybe_streaming(out + i, Vec::loadu(in + i) * vs, stream);
-    if (i < n) (Vec::loadu(in + i, n - i) * vs).store(out + i, n - i);
-  } else {
-    at::vec::map<T>([vs](Acc<T> x) { return x * vs; }, out, in, n);
+// grad_v = a * (grad_w + c * v) over n values (wn_grad_v, vectorized), streaming as
+// scale_span. out may be grad_w itself (each value is read before it is written).
+template <typename T, bool kPerLane>
+void grad_v_span(T* out, const T* gw, const T* __restrict v, int64_t n, Coef<at::opmath_type<T>, kPerLane> a,
+                 Coef<at::opmath_type<T>, kPerLane> c_hi, Coef<at::opmath_type<T>, kPerLane> c_lo, bool stream) {
+  using L = Lanes<T>;
+  using acc_t = at::opmath_type<T>;
+  if (n < L::kWidth) {  // a short run (as scale_span)
+    for (int64_t i = 0; i < n; ++i) {
+      out[i] = T(wn_grad_v<acc_t>({acc_t(0), a.value(i), c_hi.value(i), c_lo.value(i)}, acc_t(gw[i]), acc_t(v[i])));
+    }
+    return;
   }
+  span_loop<L::kWidth>(n, [&](int64_t i, auto cnt, auto) {
+    typename L::Vec p[L::kVecs], q[L::kVecs];
+    L::load(gw + i, p, cnt);
+    L::load(v + i, q, cnt);
+    for (int64_t k = 0; k < L::kVecs; ++k) {
+      const int64_t j = i + k * L::Vec::size();
+      p[k] = a.at(j) * at::vec::fmadd(q[k], c_lo.at(j), at::vec::fmadd(q[k], c_hi.at(j), p[k]));
+    }
+    L::store(out + i, p, cnt, stream);
+  });
 }
 
-// grad_v = a * (grad_w + c * v) over n values (wn_grad_v, vectorized); streaming stores as
-// scale_any. out may be grad_w itself (each value is read before it is written).
-template <typename T>
-void grad_v_span(T* out, const T* gw, const T* v, int64_t n, const WeightNormGrad<at::opmath_type<T>>& k, bool stream) {
-  const auto va = Acc<T>(k.a), hi = Acc<T>(k.c_hi), lo = Acc<T>(k.c_lo);
-  auto f = [va, hi, lo](Acc<T> p, Acc<T> q) { return va * at::vec::fmadd(q, lo, at::vec::fmadd(q, hi, p)); };
-  if constexpr (std::is_same_v<T, at::opmath_type<T>>) {
-    using Vec = Vectorized<T>;
-    int64_t i = 0;
-    for (; i + Vec::size() <= n; i += Vec::size()) store_maybe_streaming(out + i, f(Vec::loadu(gw + i), Vec::loadu(v + i)), stream);
-    if (i < n) f(Vec::loadu(gw + i, n - i), Vec::loadu(v + i, n - i)).store(out + i, n - i);
-  } else {
-    at::vec::map2<T>(f, out, gw, v, n);
-  }
+// f(d) for every slice d, in parallel when there are many (per-slice scalar work).
+template <typename F>
+void for_slices(const WeightNormArgs& a, F&& f) {
+  at::parallel_for(0, a.D, kGrain, [&](int64_t d0, int64_t d1) {
+    for (int64_t d = d0; d < d1; ++d) f(d);
+  });
 }
 
 int64_t threads() { return std::max<int64_t>(1, at::get_num_threads()); }
@@ -134,32 +178,118 @@ void slice_pass(const WeightNormArgs& a, Reduce&& reduce, Finish&& finish, Write
   });
 }
 
-// Last-dim slices (inner == 1): column totals of f(row, column) over `outer` rows of D, in
-// float64 (a column can be a single value, where float32 products would set the precision
-// of the gradient); block totals added in a fixed order.
-template <typename T, typename Contribution>
-std::vector<double> column_totals(const WeightNormArgs& a, Contribution&& f) {
-  const int64_t D = a.D, rows = a.outer, blocks = (rows + kRowBlock - 1) / kRowBlock;
-  std::vector<double> part(blocks * D);
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<double> acc(D);
-    for (int64_t b = b0; b < b1; ++b) {
-      std::fill(acc.begin(), acc.end(), 0.0);
-      for (int64_t r = b * kRowBlock; r < std::min(rows, (b + 1) * kRowBlock); ++r) f(r, acc.data());
-      for (int64_t d = 0; d < D; ++d) part[b * D + d] = acc[d];
+// Short runs (inner < kMinRun: the last-dim norm, or a middle dim over a few values, as a
+// conv weight's dim 1): calls per run would cost more than the values. The weight is
+// walked as `outer` rows of W = D * inner values instead, vectorized along the rows, each
+// position of a row belonging to slice position / inner.
+
+// Column totals of p * q down the rows. Tasks are (block of kRowBlock rows, chunk of
+// kColumns columns); a task walks its rows kRowGroup at a time, each row segment front to
+// back (prefetch-friendly), adding the group's products into the chunk's sums with one
+// load and store of the sums per group. Each product is taken exactly as a float sum
+// hi + lo (lo = p * q - hi by a fused multiply-subtract): a slice can be a single value,
+// where a rounded product would set the precision of the gradient. Blocks add in the
+// accumulation type; their totals in float64, in a fixed order.
+template <typename T>
+void column_totals(const T* p, const T* q, int64_t rows, int64_t W, double* total) {
+  using L = Lanes<T>;
+  using Vec = typename L::Vec;
+  constexpr int64_t kRowGroup = 8;
+  const int64_t blocks = (rows + kRowBlock - 1) / kRowBlock, chunks = (W + kColumns - 1) / kColumns;
+  std::vector<double> part(blocks > 1 ? blocks * W : 0);  // one block: straight into total
+  double* block_totals = blocks > 1 ? part.data() : total;
+  at::parallel_for(0, blocks * chunks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<at::opmath_type<T>> hi(kColumns + L::kWidth), lo(kColumns + L::kWidth);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / chunks, c0 = (t % chunks) * kColumns, nc = std::min(kColumns, W - c0);
+      std::fill(hi.begin(), hi.end(), 0);
+      std::fill(lo.begin(), lo.end(), 0);
+      const int64_t r_end = std::min(rows, (b + 1) * kRowBlock);
+      for (int64_t r0 = b * kRowBlock; r0 < r_end; r0 += kRowGroup) {
+        const int64_t nr = std::min(kRowGroup, r_end - r0);
+        for (int64_t i = 0; i < nc; i += L::kWidth) {
+          const int64_t n = std::min(L::kWidth, nc - i);
+          Vec h[L::kVecs], l[L::kVecs];
+          for (int64_t k = 0; k < L::kVecs; ++k) {
+            h[k] = Vec::loadu(hi.data() + i + k * Vec::size());
+            l[k] = Vec::loadu(lo.data() + i + k * Vec::size());
+          }
+          for (int64_t r = r0; r < r0 + nr; ++r) {
+            const int64_t off = r * W + c0 + i;
+            Vec x[L::kVecs], y[L::kVecs];
+            if (n == L::kWidth) {
+              L::load(p + off, x, typename L::Full{});
+              L::load(q + off, y, typename L::Full{});
+            } else {
+              L::load(p + off, x, n);
+              L::load(q + off, y, n);
+            }
+            for (int64_t k = 0; k < L::kVecs; ++k) {
+              const Vec prod = x[k] * y[k];
+              h[k] = h[k] + prod;
+              l[k] = l[k] + at::vec::fmsub(x[k], y[k], prod);
+            }
+          }
+          for (int64_t k = 0; k < L::kVecs; ++k) {
+            h[k].store(hi.data() + i + k * Vec::size());
+            l[k].store(lo.data() + i + k * Vec::size());
+          }
+        }
+      }
+      for (int64_t j = 0; j < nc; ++j) block_totals[b * W + c0 + j] = double(hi[j]) + double(lo[j]);
     }
   });
-  std::vector<double> total(D, 0.0);
-  for (int64_t b = 0; b < blocks; ++b) {
-    for (int64_t d = 0; d < D; ++d) total[d] += part[b * D + d];
+  if (blocks > 1) {
+    std::fill_n(total, W, 0.0);
+    for (int64_t b = 0; b < blocks; ++b) {
+      for (int64_t j = 0; j < W; ++j) total[j] += part[b * W + j];
+    }
   }
+}
+
+// A single row of short runs (a (D, 3) weight's dim 0: contiguous slices) stays with the
+// slices: the walk by rows would need per-position arrays as large as the weight.
+inline bool short_runs(const WeightNormArgs& a) { return a.D > 1 && a.inner < kMinRun && a.outer > 1; }
+
+// Per-slice totals of p * q for short runs.
+template <typename T>
+std::vector<double> short_run_totals(const WeightNormArgs& a, const T* p, const T* q) {
+  std::vector<double> total(a.D);
+  if (a.inner == 1) {
+    column_totals(p, q, a.outer, a.D, total.data());
+    return total;
+  }
+  std::vector<double> columns(a.D * a.inner);
+  column_totals(p, q, a.outer, a.D * a.inner, columns.data());
+  for_slices(a, [&](int64_t d) {
+    total[d] = 0;
+    for (int64_t j = 0; j < a.inner; ++j) total[d] += columns[d * a.inner + j];
+  });
   return total;
 }
 
-// acc[d] += p[d] * q[d] for one row (p == q: squares).
-template <typename T>
-void add_products(double* acc, const T* p, const T* q, int64_t D) {
-  for (int64_t d = 0; d < D; ++d) acc[d] += double(p[d]) * double(q[d]);
+// Per-slice values spread over the positions of a row (padded to whole vectors), for the
+// element passes of short runs.
+template <typename T, typename F>
+std::vector<at::opmath_type<T>> row_lanes(const WeightNormArgs& a, F&& value_of_slice) {
+  const int64_t W = a.D * a.inner;
+  std::vector<at::opmath_type<T>> lanes((W + Lanes<T>::kWidth - 1) / Lanes<T>::kWidth * Lanes<T>::kWidth, 0);
+  for_slices(a, [&](int64_t d) { std::fill_n(lanes.begin() + d * a.inner, a.inner, value_of_slice(d)); });
+  return lanes;
+}
+
+// Runs f(offset, first position, count) over the rows of a short-run weight in chunks of at
+// most kColumns positions, in parallel, then fences streaming stores.
+template <typename F>
+void for_row_chunks(const WeightNormArgs& a, F&& f) {
+  const int64_t W = a.D * a.inner, chunks = (W + kColumns - 1) / kColumns;
+  at::parallel_for(0, a.outer * chunks, std::max<int64_t>(1, kGrain / std::min(W, kColumns)), [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t r = t / chunks, c0 = (t % chunks) * kColumns;
+      f(r * W + c0, c0, std::min(kColumns, W - c0));
+    }
+    stream_fence();
+  });
 }
 
 template <typename T>
@@ -171,18 +301,16 @@ void forward_impl(const WeightNormArgs& a) {
   acc_t* norm = a.norm.data_ptr<acc_t>();
   const bool stream = a.w.nbytes() >= kStreamBytes;
   std::vector<double> s(a.D);
-  if (a.inner == 1 && a.D > 1) {
-    const auto ss = column_totals<T>(a, [&](int64_t r, double* acc) { add_products<T>(acc, v + r * a.D, v + r * a.D, a.D); });
-    std::vector<T> scales(a.D);
-    for (int64_t d = 0; d < a.D; ++d) {
+  if (short_runs(a)) {
+    const auto ss = short_run_totals(a, v, v);
+    for_slices(a, [&](int64_t d) {
       const double n = wn_norm<double>(ss[d], a.eps);
       norm[d] = acc_t(n);
       s[d] = double(g[d]) / n;
-    }
-    at::parallel_for(0, a.outer, std::max<int64_t>(1, kGrain / a.D), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        for (int64_t d = 0; d < a.D; ++d) w[r * a.D + d] = T(acc_t(v[r * a.D + d]) * acc_t(s[d]));
-      }
+    });
+    const auto scales = row_lanes<T>(a, [&](int64_t d) { return acc_t(s[d]); });
+    for_row_chunks(a, [&](int64_t off, int64_t c0, int64_t n) {
+      scale_span(w + off, v + off, n, Coef<acc_t, true>{scales.data() + c0}, stream);
     });
     return;
   }
@@ -193,7 +321,10 @@ void forward_impl(const WeightNormArgs& a) {
         norm[d] = acc_t(n);
         s[d] = double(g[d]) / n;
       },
-      [&](int64_t d, int64_t off, int64_t n) { scale_any(w + off, v + off, n, s[d], stream); });
+      [&](int64_t d, int64_t off, int64_t n) {
+        const acc_t scale = acc_t(s[d]);
+        scale_span(w + off, v + off, n, Coef<acc_t, false>{&scale}, stream);
+      });
 }
 
 template <typename T>
@@ -211,22 +342,24 @@ void backward_impl(const WeightNormArgs& a) {
     k[d] = wn_grad<acc_t>(double(g[d]), double(norm[d]), dt);
     grad_g[d] = k[d].grad_g;
   };
-  if (a.inner == 1 && a.D > 1) {
-    const auto dots = column_totals<T>(a, [&](int64_t r, double* acc) { add_products<T>(acc, gw + r * a.D, v + r * a.D, a.D); });
-    for (int64_t d = 0; d < a.D; ++d) finish(d, dots[d]);
-    at::parallel_for(0, a.outer, std::max<int64_t>(1, kGrain / a.D), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        for (int64_t d = 0; d < a.D; ++d) {
-          const int64_t i = r * a.D + d;
-          gv[i] = T(wn_grad_v<acc_t>(k[d], acc_t(gw[i]), acc_t(v[i])));
-        }
-      }
+  if (short_runs(a)) {
+    const auto dots = short_run_totals(a, gw, v);
+    for_slices(a, [&](int64_t d) { finish(d, dots[d]); });
+    const auto A = row_lanes<T>(a, [&](int64_t d) { return k[d].a; });
+    const auto hi = row_lanes<T>(a, [&](int64_t d) { return k[d].c_hi; });
+    const auto lo = row_lanes<T>(a, [&](int64_t d) { return k[d].c_lo; });
+    for_row_chunks(a, [&](int64_t off, int64_t c0, int64_t n) {
+      grad_v_span(gv + off, gw + off, v + off, n, Coef<acc_t, true>{A.data() + c0}, Coef<acc_t, true>{hi.data() + c0},
+                  Coef<acc_t, true>{lo.data() + c0}, stream);
     });
     return;
   }
   slice_pass(
       a, [&](int64_t off, int64_t n) { return dot(gw + off, v + off, n); }, finish,
-      [&](int64_t d, int64_t off, int64_t n) { grad_v_span(gv + off, gw + off, v + off, n, k[d], stream); });
+      [&](int64_t d, int64_t off, int64_t n) {
+        grad_v_span(gv + off, gw + off, v + off, n, Coef<acc_t, false>{&k[d].a}, Coef<acc_t, false>{&k[d].c_hi},
+                    Coef<acc_t, false>{&k[d].c_lo}, stream);
+      });
 }
 
 template <typename T>
@@ -234,9 +367,9 @@ void norms_impl(const WeightNormArgs& a) {
   using acc_t = at::opmath_type<T>;
   const T* v = a.v.data_ptr<T>();
   acc_t* norm = a.norm.data_ptr<acc_t>();
-  if (a.inner == 1 && a.D > 1) {
-    const auto ss = column_totals<T>(a, [&](int64_t r, double* acc) { add_products<T>(acc, v + r * a.D, v + r * a.D, a.D); });
-    for (int64_t d = 0; d < a.D; ++d) norm[d] = acc_t(wn_norm<double>(ss[d], a.eps));
+  if (short_runs(a)) {
+    const auto ss = short_run_totals(a, v, v);
+    for_slices(a, [&](int64_t d) { norm[d] = acc_t(wn_norm<double>(ss[d], a.eps)); });
     return;
   }
   slice_pass(
