@@ -69,28 +69,30 @@ FASTNORM_HD inline Moments<T> moments_merge(const Moments<T>& a, const Moments<T
   return {n, a.mean + delta * b_share, a.m2 + b.m2 + delta * delta * a.count * b_share};
 }
 
-// Moments of the union of k sets from their counts count[i] and means and M2s at
-// mean[i * stride], m2[i * stride]: the exact two-pass combination, the mean first and
-// then M2 with the squared deviations of the set means. One division instead of k - 1
-// pairwise merges.
+// Moments of the union of k sets, for `width` columns at once: in column j, set i has
+// count[i] values with mean mean[i * stride + j] and M2 m2[i * stride + j]. The exact
+// two-pass combination, the mean first and then M2 with the squared deviations of the set
+// means (one division per column instead of k - 1 pairwise merges), walked set by set so
+// that each pass reads contiguous columns. Writes out_mean, out_m2 [width]; returns the
+// count.
 template <typename T>
-FASTNORM_HD inline Moments<T> moments_combine(const T* count, const T* mean, const T* m2, int64_t k,
-                                              int64_t stride = 1) {
-  T n = 0, sum = 0;
+FASTNORM_HD inline T moments_combine(const T* count, const T* mean, const T* m2, int64_t k, int64_t width,
+                                     int64_t stride, T* out_mean, T* out_m2) {
+  T n = 0;
+  for (int64_t i = 0; i < k; ++i) n += count[i];
+  for (int64_t j = 0; j < width; ++j) out_mean[j] = out_m2[j] = T(0);
+  if (n == T(0)) return n;
   for (int64_t i = 0; i < k; ++i) {
-    n += count[i];
-    sum += count[i] * mean[i * stride];
+    for (int64_t j = 0; j < width; ++j) out_mean[j] += count[i] * mean[i * stride + j];
   }
-  if (n == T(0)) {
-    return {T(0), T(0), T(0)};
-  }
-  const T mu = fn_div(sum, n);
-  T acc = 0;
+  for (int64_t j = 0; j < width; ++j) out_mean[j] = fn_div(out_mean[j], n);
   for (int64_t i = 0; i < k; ++i) {
-    const T d = mean[i * stride] - mu;
-    acc += m2[i * stride] + count[i] * d * d;
+    for (int64_t j = 0; j < width; ++j) {
+      const T d = mean[i * stride + j] - out_mean[j];
+      out_m2[j] += m2[i * stride + j] + count[i] * d * d;
+    }
   }
-  return {n, mu, acc};
+  return n;
 }
 
 // Welford's update with one value.

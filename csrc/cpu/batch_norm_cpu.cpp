@@ -204,18 +204,26 @@ void normalize_span(const scalar_t* __restrict x, const scalar_t* __restrict res
   });
 }
 
-// Sums of d and d^2 with d = x - shift (the kMean slot).
-template <typename scalar_t, class Cf, class S>
-void deviation_sums_span(const scalar_t* __restrict x, int64_t n, const Cf& cf, S& sums) {
+// Sums of d and d^2 with d = x - shift (the kMean slot), over `groups` spans of n values
+// group_stride apart that share their positions (stacked row groups, see
+// stacked_row_spans): one update of the sums per position for all of them. Groups is
+// int64_t, or the constant 1 for a single span (the planar layout).
+template <typename scalar_t, class Cf, class S, class Groups>
+void deviation_sums_span(const scalar_t* __restrict x, int64_t n, const Cf& cf, S& sums, Groups groups,
+                         int64_t group_stride) {
   using L = Lanes<scalar_t>;
   span_loop<L::kWidth>(n, [&](int64_t i, auto cnt, auto u) {
-    Vec_t<scalar_t> v[L::kVecs];
-    L::load(x + i, v, cnt);
-    for (int64_t k = 0; k < L::kVecs; ++k) {
-      const int64_t p = i + k * Vec_t<scalar_t>::size();
-      const auto d = L::valid(v[k] - cf.at(kMean, p), k, cnt);
-      sums.template add<decltype(u)::value>(p, d, d * d);
+    Vec_t<scalar_t> a[L::kVecs], b[L::kVecs];
+    for (int64_t g = 0; g < groups; ++g) {
+      Vec_t<scalar_t> v[L::kVecs];
+      L::load(x + g * group_stride + i, v, cnt);
+      for (int64_t k = 0; k < L::kVecs; ++k) {
+        const auto d = L::valid(v[k] - cf.at(kMean, i + k * Vec_t<scalar_t>::size()), k, cnt);
+        a[k] = g == 0 ? d : a[k] + d;
+        b[k] = g == 0 ? d * d : at::vec::fmadd(d, d, b[k]);
+      }
     }
+    for (int64_t k = 0; k < L::kVecs; ++k) sums.template add<decltype(u)::value>(i + k * Vec_t<scalar_t>::size(), a[k], b[k]);
   });
 }
 
@@ -238,21 +246,28 @@ inline void grad_preact(const scalar_t* __restrict res, const scalar_t* __restri
   }
 }
 
-// Sums of dz and dz * (x - mean).
-template <typename scalar_t, Activation A, class Cf, class S>
+// Sums of dz and dz * (x - mean), over stacked spans as deviation_sums_span.
+template <typename scalar_t, Activation A, class Cf, class S, class Groups>
 void grad_sums_span(const scalar_t* __restrict x, const scalar_t* __restrict res, const scalar_t* __restrict y,
                     const scalar_t* __restrict dy, bool needs_z, int64_t n, const Cf& cf, const Vec_t<scalar_t> slope,
-                    S& sums) {
+                    S& sums, Groups groups, int64_t group_stride) {
   using L = Lanes<scalar_t>;
+  auto at = [](const scalar_t* p, int64_t off) { return p ? p + off : nullptr; };
   span_loop<L::kWidth>(n, [&](int64_t i, auto cnt, auto u) {
-    Vec_t<scalar_t> v[L::kVecs], dz[L::kVecs];
-    L::load(x + i, v, cnt);
-    grad_preact<scalar_t, A>(res, y, dy, needs_z, i, cnt, cf, v, slope, dz);
-    for (int64_t k = 0; k < L::kVecs; ++k) {
-      const int64_t p = i + k * Vec_t<scalar_t>::size();
-      const auto g = L::valid(dz[k], k, cnt);
-      sums.template add<decltype(u)::value>(p, g, g * (v[k] - cf.at(kMean, p)));
+    Vec_t<scalar_t> a[L::kVecs], b[L::kVecs];
+    for (int64_t g = 0; g < groups; ++g) {
+      const int64_t off = g * group_stride;
+      Vec_t<scalar_t> v[L::kVecs], dz[L::kVecs];
+      L::load(x + off + i, v, cnt);
+      grad_preact<scalar_t, A>(at(res, off), at(y, off), dy + off, needs_z, i, cnt, cf, v, slope, dz);
+      for (int64_t k = 0; k < L::kVecs; ++k) {
+        const auto gz = L::valid(dz[k], k, cnt);
+        const auto xmu = v[k] - cf.at(kMean, i + k * Vec_t<scalar_t>::size());
+        a[k] = g == 0 ? gz : a[k] + gz;
+        b[k] = g == 0 ? gz * xmu : at::vec::fmadd(gz, xmu, b[k]);
+      }
     }
+    for (int64_t k = 0; k < L::kVecs; ++k) sums.template add<decltype(u)::value>(i + k * Vec_t<scalar_t>::size(), a[k], b[k]);
   });
 }
 
@@ -309,13 +324,15 @@ struct Tensors {
   void normalize(int64_t off, int64_t n, const Cf& cf) const {
     normalize_span<scalar_t, A>(x + off, at(res, off), out + off, n, cf, slope, stream);
   }
-  template <class Cf, class S>
-  void deviation_sums(int64_t off, int64_t n, const Cf& cf, S& sums) const {
-    deviation_sums_span<scalar_t>(x + off, n, cf, sums);
+  using One = std::integral_constant<int64_t, 1>;
+  template <class Cf, class S, class Groups = One>
+  void deviation_sums(int64_t off, int64_t n, const Cf& cf, S& sums, Groups groups = {}, int64_t stride = 0) const {
+    deviation_sums_span<scalar_t>(x + off, n, cf, sums, groups, stride);
   }
-  template <Activation A, class Cf, class S>
-  void grad_sums(int64_t off, int64_t n, const Cf& cf, S& sums) const {
-    grad_sums_span<scalar_t, A>(x + off, at(res, off), at(y, off), dy + off, needs_z, n, cf, slope, sums);
+  template <Activation A, class Cf, class S, class Groups = One>
+  void grad_sums(int64_t off, int64_t n, const Cf& cf, S& sums, Groups groups = {}, int64_t stride = 0) const {
+    grad_sums_span<scalar_t, A>(x + off, at(res, off), at(y, off), dy + off, needs_z, n, cf, slope, sums, groups,
+                                stride);
   }
   template <Activation A, class Cf>
   void grad_input(int64_t off, int64_t n, const Cf& cf) const {
@@ -362,6 +379,19 @@ struct RowGroups {
 template <typename F>
 inline void row_spans(const RowGroups& G, int64_t r0, int64_t r1, F&& f) {
   for (int64_t r = r0; r < r1; r += G.rows) f(r * G.C, std::min(r1 - r, G.rows) * G.C);
+}
+
+// Rows [r0, r1) for the reductions: whole row groups up to kStack at a time, as
+// f(offset, width, groups, width) (the groups' spans are width apart), then the last,
+// partial group as f(offset, length, 1, 0). A position's sums are then updated once per
+// kStack groups rather than once per group.
+template <typename F>
+inline void stacked_row_spans(const RowGroups& G, int64_t r0, int64_t r1, F&& f) {
+  constexpr int64_t kStack = 8;
+  const int64_t full = (r1 - r0) / G.rows;
+  for (int64_t g = 0; g < full; g += kStack) f((r0 + g * G.rows) * G.C, G.width, std::min(kStack, full - g), G.width);
+  const int64_t r = r0 + full * G.rows;
+  if (r < r1) f(r * G.C, (r1 - r) * G.C, int64_t(1), int64_t(0));
 }
 
 // Column col of a PositionTable from per-channel values (position p holds channel p % C).
@@ -451,7 +481,9 @@ void row_block_moments(const Tensors<scalar_t>& T, const RowGroups& G, int64_t r
   for (int pass = 0;; ++pass) {
     auto s = sc.start(G);
     const auto shift = sc.shift_source();
-    row_spans(G, r0, r1, [&](int64_t off, int64_t len) { T.deviation_sums(off, len, shift, s); });
+    stacked_row_spans(G, r0, r1, [&](int64_t off, int64_t len, int64_t groups, int64_t stride) {
+      T.deviation_sums(off, len, shift, s, groups, stride);
+    });
     sc.fold(G, sc.ch1.data(), sc.ch2.data());
     bool ok = true;
     for (int64_t c = 0; c < C && pass == 0; ++c) ok = ok && shifted_moments_ok(n, sc.ch1[c], sc.ch2[c]);
@@ -613,10 +645,11 @@ void moments_then(const NormArgs& a, Finish&& finish, PlanarThen&& planar_then, 
   });
   std::vector<double> counts(nb);
   for (int64_t b = 0; b < nb; ++b) counts[b] = double(std::min(M, (b + 1) * rpb) - b * rpb);
+  std::vector<double> mean_c(L.C), m2_c(L.C);
   at::parallel_for(0, L.C, grain_for(nb), [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      finish(c, moments_combine<double>(counts.data(), &mean_part[c], &m2_part[c], nb, L.C));
-    }
+    const double n = moments_combine<double>(counts.data(), &mean_part[c0], &m2_part[c0], nb, c1 - c0, L.C,
+                                             &mean_c[c0], &m2_c[c0]);
+    for (int64_t c = c0; c < c1; ++c) finish(c, Moments<double>{n, mean_c[c], m2_c[c]});
   });
   rows_then(G, rpb, nb);
 }
@@ -779,21 +812,22 @@ void backward_impl(const BackwardArgs& a, bool reduce, bool elemt, std::vector<t
       RowScratch<acc_t> sc(G);
       for (int64_t b = b0; b < b1; ++b) {
         auto s = sc.start(G);
-        row_spans(G, b * rpb, std::min(M, (b + 1) * rpb), [&](int64_t off, int64_t len) {
-          T.template grad_sums<A>(off, len, rs.cf, s);
-        });
+        stacked_row_spans(G, b * rpb, std::min(M, (b + 1) * rpb),
+                          [&](int64_t off, int64_t len, int64_t groups, int64_t stride) {
+                            T.template grad_sums<A>(off, len, rs.cf, s, groups, stride);
+                          });
         sc.fold(G, &p1[b * L.C], &p2[b * L.C]);
       }
     });
     at::parallel_for(0, L.C, grain_for(nb), [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
-        double s1 = 0, s2 = 0;
-        for (int64_t b = 0; b < nb; ++b) {
-          s1 += p1[b * L.C + c];
-          s2 += p2[b * L.C + c];
+      std::vector<double> s1(c1 - c0, 0.0), s2(c1 - c0, 0.0);
+      for (int64_t b = 0; b < nb; ++b) {  // block by block: contiguous channels
+        for (int64_t c = c0; c < c1; ++c) {
+          s1[c - c0] += p1[b * L.C + c];
+          s2[c - c0] += p2[b * L.C + c];
         }
-        finish(c, s1, s2);
       }
+      for (int64_t c = c0; c < c1; ++c) finish(c, s1[c - c0], s2[c - c0]);
     });
   }
   if (elemt) {
