@@ -205,6 +205,14 @@ void normalize_span(const scalar_t* __restrict x, const scalar_t* __restrict res
   });
 }
 
+// The stacked rows jump by a row at each step, a pattern the hardware prefetchers do not
+// follow: fetch the same place of the next stack (`ahead` values on) into L2 by hand
+// (past the last row it fetches nothing useful, but a prefetch never faults).
+template <typename scalar_t>
+inline void prefetch_next_stack(const scalar_t* p, int64_t ahead) {
+  __builtin_prefetch(p + ahead, 0, 2);
+}
+
 // Sums of d and d^2 with d = x - shift (the kMean slot), over `groups` spans of n values
 // group_stride apart that share their positions (stacked row groups, see
 // stacked_row_spans): one update of the sums per position for all of them. Groups is
@@ -217,6 +225,7 @@ void deviation_sums_span(const scalar_t* __restrict x, int64_t n, const Cf& cf, 
     Vec_t<scalar_t> a[L::kVecs], b[L::kVecs];
     for (int64_t g = 0; g < groups; ++g) {
       Vec_t<scalar_t> v[L::kVecs];
+      if (groups > 1) prefetch_next_stack(x + g * group_stride + i, groups * group_stride);
       L::load(x + g * group_stride + i, v, cnt);
       for (int64_t k = 0; k < L::kVecs; ++k) {
         const auto d = L::valid(v[k] - cf.at(kMean, i + k * Vec_t<scalar_t>::size()), k, cnt);
@@ -259,6 +268,10 @@ void grad_sums_span(const scalar_t* __restrict x, const scalar_t* __restrict res
     for (int64_t g = 0; g < groups; ++g) {
       const int64_t off = g * group_stride;
       Vec_t<scalar_t> v[L::kVecs], dz[L::kVecs];
+      if (groups > 1) {
+        prefetch_next_stack(x + off + i, groups * group_stride);
+        prefetch_next_stack(dy + off + i, groups * group_stride);
+      }
       L::load(x + off + i, v, cnt);
       grad_preact<scalar_t, A>(at(res, off), at(y, off), dy + off, needs_z, i, cnt, cf, v, slope, dz);
       for (int64_t k = 0; k < L::kVecs; ++k) {
@@ -294,14 +307,6 @@ void grad_input_span(const scalar_t* __restrict x, const scalar_t* __restrict re
   });
 }
 
-// How many row groups a reduction stacks, from the bytes its pass reads. Reading from
-// memory, the jumps between stacked rows defeat the hardware prefetchers (measured: 1.4x
-// slower reduce at 2 x 100 MB, 1.6x faster at 2 x 25 MB), so large inputs go row by row.
-inline int64_t row_stack(int64_t bytes_read) {
-  constexpr int64_t kStack = 8, kStackBytes = int64_t(64) << 20;
-  return bytes_read <= kStackBytes ? kStack : 1;
-}
-
 // The tensors of one call, as raw pointers (all in the same dense layout).
 template <typename scalar_t>
 struct Tensors {
@@ -313,21 +318,18 @@ struct Tensors {
   scalar_t* dz = nullptr;        // grad at the pre-activation
   bool needs_z = false;
   bool stream = false;  // outputs written with streaming stores (large outputs)
-  int64_t stack = 1;     // row groups stacked in the channels-last reductions (row_stack)
   Vec_t<scalar_t> slope;
 
   explicit Tensors(const NormArgs& a)
       : x(a.input.data_ptr<scalar_t>()),
         res(a.residual.defined() ? a.residual.data_ptr<scalar_t>() : nullptr),
         needs_z(activation_needs_z(a.act, a.slope)),
-        stack(row_stack(a.input.nbytes())),  // the statistics read x
         slope(typename Lanes<scalar_t>::acc_t(a.slope)) {}
   explicit Tensors(const BackwardArgs& a) : Tensors(static_cast<const NormArgs&>(a)) {
     dy = a.grad_out.data_ptr<scalar_t>();
     y = a.output.defined() ? a.output.data_ptr<scalar_t>() : nullptr;
     out = a.grad_input.defined() ? a.grad_input.data_ptr<scalar_t>() : nullptr;
     dz = a.grad_preact.defined() ? a.grad_preact.data_ptr<scalar_t>() : nullptr;
-    stack = row_stack(a.input.nbytes() * (2 + (y ? 1 : 0) + (res && needs_z ? 1 : 0)));  // x, dy, y or res
   }
   const scalar_t* at(const scalar_t* p, int64_t off) const { return p ? p + off : nullptr; }
   scalar_t* at(scalar_t* p, int64_t off) const { return p ? p + off : nullptr; }
@@ -393,15 +395,16 @@ inline void row_spans(const RowGroups& G, int64_t r0, int64_t r1, F&& f) {
   for (int64_t r = r0; r < r1; r += G.rows) f(r * G.C, std::min(r1 - r, G.rows) * G.C);
 }
 
-// Rows [r0, r1) for the reductions: whole row groups up to `stack` at a time, as
+// Rows [r0, r1) for the reductions: whole row groups up to kStack at a time, as
 // f(offset, width, groups, width) (the groups' spans are width apart), then the last,
 // partial group as f(offset, length, 1, 0). A position's sums are then updated once per
-// `stack` groups rather than once per group: that shortens the chain of loads and stores
-// through the sums, which bounds the speed when the input comes from cache.
+// kStack groups rather than once per group: fewer loads and stores of the sums, and a
+// shorter chain through them (which bounds the speed when the input comes from cache).
 template <typename F>
-inline void stacked_row_spans(const RowGroups& G, int64_t r0, int64_t r1, int64_t stack, F&& f) {
+inline void stacked_row_spans(const RowGroups& G, int64_t r0, int64_t r1, F&& f) {
+  constexpr int64_t kStack = 8;
   const int64_t full = (r1 - r0) / G.rows;
-  for (int64_t g = 0; g < full; g += stack) f((r0 + g * G.rows) * G.C, G.width, std::min(stack, full - g), G.width);
+  for (int64_t g = 0; g < full; g += kStack) f((r0 + g * G.rows) * G.C, G.width, std::min(kStack, full - g), G.width);
   const int64_t r = r0 + full * G.rows;
   if (r < r1) f(r * G.C, (r1 - r) * G.C, int64_t(1), int64_t(0));
 }
@@ -493,7 +496,7 @@ void row_block_moments(const Tensors<scalar_t>& T, const RowGroups& G, int64_t r
   for (int pass = 0;; ++pass) {
     auto s = sc.start(G);
     const auto shift = sc.shift_source();
-    stacked_row_spans(G, r0, r1, T.stack, [&](int64_t off, int64_t len, int64_t groups, int64_t stride) {
+    stacked_row_spans(G, r0, r1, [&](int64_t off, int64_t len, int64_t groups, int64_t stride) {
       T.deviation_sums(off, len, shift, s, groups, stride);
     });
     sc.fold(G, sc.ch1.data(), sc.ch2.data());
@@ -824,7 +827,7 @@ void backward_impl(const BackwardArgs& a, bool reduce, bool elemt, std::vector<t
       RowScratch<acc_t> sc(G);
       for (int64_t b = b0; b < b1; ++b) {
         auto s = sc.start(G);
-        stacked_row_spans(G, b * rpb, std::min(M, (b + 1) * rpb), T.stack,
+        stacked_row_spans(G, b * rpb, std::min(M, (b + 1) * rpb),
                           [&](int64_t off, int64_t len, int64_t groups, int64_t stride) {
                             T.template grad_sums<A>(off, len, rs.cf, s, groups, stride);
                           });
