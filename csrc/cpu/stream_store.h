@@ -16,8 +16,12 @@
 
 namespace fastnorm::cpu {
 
-// Outputs at least this large are written with streaming stores.
-constexpr int64_t kStreamBytes = int64_t(16) << 20;
+// Outputs at least this large are written with streaming stores. A training step keeps
+// several tensors of a layer's size live (input, output, gradients), so from a few MiB on
+// they do not stay in a shared L3 anyway (measured, batch-norm fwd+bwd at 12.8 MB per tensor
+// on a 32 MiB L3: 1.2x-1.8x faster at 8 MiB than at 16 MiB; at 6.4 MB a 4 MiB threshold
+// is slower).
+constexpr int64_t kStreamBytes = int64_t(8) << 20;
 
 // Stores v at p: streaming when `stream` and p is aligned to the vector, else regular.
 template <typename T>
