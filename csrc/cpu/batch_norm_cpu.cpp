@@ -382,10 +382,19 @@ struct RowGroups {
     rows = width / C_;
   }
   // About kRowBlock values, at least kMinRowsPerBlock rows, and at most kMaxAdds float32
-  // additions into one position's sum (the precision of float32 accumulation).
-  int64_t rows_per_block() const {
-    const int64_t r = std::min(std::max(kMinRowsPerBlock, kRowBlock / C), kMaxAdds * rows);
-    return (r + rows - 1) / rows * rows;
+  // additions into one position's sum (the precision of float32 accumulation), for M rows.
+  // A few blocks are made a multiple of kBlockRound, so that they share out evenly over
+  // 2 or 4 threads (7 blocks on 2 threads would leave one thread 4); the blocks depend on
+  // the shape alone, never on the thread count, so neither do the results.
+  int64_t rows_per_block(int64_t M) const {
+    constexpr int64_t kBlockRound = 4, kFewBlocks = 32;
+    int64_t r = std::min(std::max(kMinRowsPerBlock, kRowBlock / C), kMaxAdds * rows);
+    const int64_t nb = (M + r - 1) / r;
+    if (nb < kFewBlocks) {
+      const int64_t even = (nb + kBlockRound - 1) / kBlockRound * kBlockRound;
+      r = (M + even - 1) / even;
+    }
+    return std::max<int64_t>(1, (r + rows - 1) / rows) * rows;
   }
 };
 
@@ -650,7 +659,7 @@ void moments_then(const NormArgs& a, Finish&& finish, PlanarThen&& planar_then, 
     return;
   }
   const RowGroups G(L.C, Lanes<scalar_t>::kWidth);
-  const int64_t M = L.count(), rpb = G.rows_per_block(), nb = (M + rpb - 1) / rpb;
+  const int64_t M = L.count(), rpb = G.rows_per_block(M), nb = (M + rpb - 1) / rpb;
   std::vector<double> mean_part(nb * L.C), m2_part(nb * L.C);  // [blocks][C]
   at::parallel_for(0, nb, grain_for(rpb * L.C), [&](int64_t b0, int64_t b1) {
     RowScratch<acc_t> sc(G);
@@ -747,7 +756,7 @@ void elemt_impl(const NormArgs& a, const at::Tensor& output) {
     return;
   }
   const RowGroups G(L.C, Lanes<scalar_t>::kWidth);
-  const int64_t M = L.count(), rpb = G.rows_per_block();
+  const int64_t M = L.count(), rpb = G.rows_per_block(M);
   normalize_rows<scalar_t, A>(T, G, M, rpb, (M + rpb - 1) / rpb, slots);
 }
 
@@ -819,7 +828,7 @@ void backward_impl(const BackwardArgs& a, bool reduce, bool elemt, std::vector<t
     return;
   }
   const RowGroups G(L.C, KW);
-  const int64_t M = L.count(), rpb = G.rows_per_block(), nb = (M + rpb - 1) / rpb;
+  const int64_t M = L.count(), rpb = G.rows_per_block(M), nb = (M + rpb - 1) / rpb;
   if (reduce) {
     const RepeatedSlots<acc_t> rs(G, kSlots, slots);  // the mean is last
     std::vector<double> p1(nb * L.C), p2(nb * L.C);  // [blocks][C]
