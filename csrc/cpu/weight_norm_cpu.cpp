@@ -95,7 +95,11 @@ void scale_span(T* __restrict out, const T* __restrict in, int64_t n, Coef<at::o
 
 // grad_v = a * (grad_w + c * v) over n values (wn_grad_v, vectorized), streaming as
 // scale_span. out may be grad_w itself (each value is read before it is written).
-template <typename T, bool kPerLane>
+// c = c_hi + c_lo keeps the exact cancellation of a slice parallel to its gradient, which
+// short slices need (one value: always). With kLo false (slices of kMinRun values or
+// more) c_hi alone, as accurate as torch's kernel: the loop is bound by its arithmetic,
+// and one operation fewer per vector makes it 1.15x faster.
+template <typename T, bool kPerLane, bool kLo = true>
 void grad_v_span(T* out, const T* gw, const T* __restrict v, int64_t n, Coef<at::opmath_type<T>, kPerLane> a,
                  Coef<at::opmath_type<T>, kPerLane> c_hi, Coef<at::opmath_type<T>, kPerLane> c_lo, bool stream) {
   using L = Lanes<T>;
@@ -112,7 +116,11 @@ void grad_v_span(T* out, const T* gw, const T* __restrict v, int64_t n, Coef<at:
     L::load(v + i, q, cnt);
     for (int64_t k = 0; k < L::kVecs; ++k) {
       const int64_t j = i + k * L::Vec::size();
-      p[k] = a.at(j) * at::vec::fmadd(q[k], c_lo.at(j), at::vec::fmadd(q[k], c_hi.at(j), p[k]));
+      if constexpr (kLo) {
+        p[k] = a.at(j) * at::vec::fmadd(q[k], c_lo.at(j), at::vec::fmadd(q[k], c_hi.at(j), p[k]));
+      } else {
+        p[k] = a.at(j) * at::vec::fmadd(q[k], c_hi.at(j), p[k]);
+      }
     }
     L::store(out + i, p, cnt, stream);
   });
@@ -354,11 +362,16 @@ void backward_impl(const WeightNormArgs& a) {
     });
     return;
   }
+  const bool short_slices = a.outer * a.inner < kMinRun;
   slice_pass(
       a, [&](int64_t off, int64_t n) { return dot(gw + off, v + off, n); }, finish,
       [&](int64_t d, int64_t off, int64_t n) {
-        grad_v_span(gv + off, gw + off, v + off, n, Coef<acc_t, false>{&k[d].a}, Coef<acc_t, false>{&k[d].c_hi},
-                    Coef<acc_t, false>{&k[d].c_lo}, stream);
+        const Coef<acc_t, false> A{&k[d].a}, hi{&k[d].c_hi}, lo{&k[d].c_lo};
+        if (short_slices) {
+          grad_v_span<T, false, true>(gv + off, gw + off, v + off, n, A, hi, lo, stream);
+        } else {
+          grad_v_span<T, false, false>(gv + off, gw + off, v + off, n, A, hi, lo, stream);
+        }
       });
 }
 
