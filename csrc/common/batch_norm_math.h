@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #define FASTNORM_HD C10_HOST_DEVICE
 
@@ -47,6 +48,23 @@ FASTNORM_HD inline T fn_rsqrt(T x) {
 
 // Activation applied after the (optional) residual add. Values match the Python side.
 enum class Activation : int64_t { None = 0, ReLU = 1, LeakyReLU = 2, SiLU = 3 };
+
+// Calls f(std::integral_constant<Activation, act>{}) (host side): one kernel instance per
+// activation.
+template <typename F>
+void with_activation(Activation act, F&& f) {
+  using A = Activation;
+  switch (act) {
+    case A::ReLU:
+      return f(std::integral_constant<A, A::ReLU>{});
+    case A::LeakyReLU:
+      return f(std::integral_constant<A, A::LeakyReLU>{});
+    case A::SiLU:
+      return f(std::integral_constant<A, A::SiLU>{});
+    default:
+      return f(std::integral_constant<A, A::None>{});
+  }
+}
 
 // Count, mean and sum of squared deviations (M2) of a set of values. Two summaries merge
 // exactly (Chan, Golub & LeVeque), so partial results from threads, blocks or processes

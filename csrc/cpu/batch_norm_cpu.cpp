@@ -67,21 +67,6 @@ inline Vec activation_backward_vec(Vec dy, Vec v, Vec slope) {
   }
 }
 
-template <typename F>
-void with_activation(Activation act, F&& f) {
-  using A = Activation;
-  switch (act) {
-    case A::ReLU:
-      return f(std::integral_constant<A, A::ReLU>{});
-    case A::LeakyReLU:
-      return f(std::integral_constant<A, A::LeakyReLU>{});
-    case A::SiLU:
-      return f(std::integral_constant<A, A::SiLU>{});
-    default:
-      return f(std::integral_constant<A, A::None>{});
-  }
-}
-
 // Per-channel coefficients seen by the element loops, by slot: z = x * scale + shift;
 // grad input = dz * k_dz + x * k_x + k_c; the mean for the sums of dz * (x - mean) (and
 // the statistics' shift).

@@ -58,21 +58,6 @@ ChannelInputs<acc_t> channel_inputs(const NormArgs& a) {
           ptr_or_null<acc_t>(a.var), a.eps};
 }
 
-template <typename F>
-void with_activation(Activation act, F&& f) {
-  using A = Activation;
-  switch (act) {
-    case A::ReLU:
-      return f(std::integral_constant<A, A::ReLU>{});
-    case A::LeakyReLU:
-      return f(std::integral_constant<A, A::LeakyReLU>{});
-    case A::SiLU:
-      return f(std::integral_constant<A, A::SiLU>{});
-    default:
-      return f(std::integral_constant<A, A::None>{});
-  }
-}
-
 // Calls f(integral_constant<int, VEC>) with the 16-byte width when every tensor allows it
 // (16-byte aligned; for the channels-innermost reduction also C % VEC == 0), else 1.
 template <typename scalar_t, typename F>
