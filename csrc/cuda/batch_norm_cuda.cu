@@ -214,6 +214,15 @@ void coefficients(const NormArgs& a, bool backward, bool training, const at::Ten
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// The element pass's per-channel coefficients: a buffer from the caching allocator (kept
+// alive by the returned tensor) and its typed pointer.
+template <typename acc_t>
+std::pair<at::Tensor, ChannelCoef<acc_t>*> channel_coefs(const NormArgs& a) {
+  at::Tensor t = at::empty({a.layout.C * int64_t(sizeof(ChannelCoef<acc_t>))}, a.input.options().dtype(at::kByte));
+  auto* k = reinterpret_cast<ChannelCoef<acc_t>*>(t.data_ptr());
+  return {std::move(t), k};
+}
+
 // Calls f(scalar_t{}, acc_t{}, integral_constant<Activation>), after the size checks that
 // must pass before any kernel writes anything.
 template <typename F>
@@ -240,8 +249,7 @@ void batch_norm_train(const TrainArgs& a) {
   dispatch(a, [&](auto s, auto acc, auto A) {
     using scalar_t = decltype(s);
     using acc_t = decltype(acc);
-    at::Tensor coef = at::empty({a.layout.C * int64_t(sizeof(ChannelCoef<acc_t>))}, a.input.options().dtype(at::kByte));
-    auto* k = reinterpret_cast<ChannelCoef<acc_t>*>(coef.data_ptr());
+    auto [coef, k] = channel_coefs<acc_t>(a);
     int64_t* nbt = ptr_or_null<int64_t>(a.num_batches_tracked);
     const StatsReduce<scalar_t, acc_t> op{{a.input.data_ptr<scalar_t>()}};
     const TrainFinish<acc_t> finish{channel_inputs<acc_t>(a), a.mean.data_ptr<acc_t>(), a.var.data_ptr<acc_t>(),
@@ -256,8 +264,7 @@ void batch_norm_elemt(const NormArgs& a, const at::Tensor& output) {
   dispatch(a, [&](auto s, auto acc, auto A) {
     using scalar_t = decltype(s);
     using acc_t = decltype(acc);
-    at::Tensor coef = at::empty({a.layout.C * int64_t(sizeof(ChannelCoef<acc_t>))}, a.input.options().dtype(at::kByte));
-    auto* k = reinterpret_cast<ChannelCoef<acc_t>*>(coef.data_ptr());
+    auto [coef, k] = channel_coefs<acc_t>(a);
     coefficients<acc_t>(a, false, false, at::Tensor(), at::Tensor(), k);
     normalize<scalar_t, acc_t, decltype(A)::value>(a, output, k, nullptr);
   });
@@ -268,8 +275,7 @@ void batch_norm_backward(const BackwardArgs& a) {
     using scalar_t = decltype(s);
     using acc_t = decltype(acc);
     constexpr Activation act = decltype(A)::value;
-    at::Tensor coef = at::empty({a.layout.C * int64_t(sizeof(ChannelCoef<acc_t>))}, a.input.options().dtype(at::kByte));
-    auto* k = reinterpret_cast<ChannelCoef<acc_t>*>(coef.data_ptr());
+    auto [coef, k] = channel_coefs<acc_t>(a);
     const bool want_params = a.grad_weight.defined() || a.grad_bias.defined();
     const bool want_elemt = a.grad_input.defined() || a.grad_preact.defined();
     if (want_params || (a.training && a.grad_input.defined())) {
@@ -299,8 +305,7 @@ void batch_norm_backward_elemt(const BackwardArgs& a) {
   dispatch(a, [&](auto s, auto acc, auto A) {
     using scalar_t = decltype(s);
     using acc_t = decltype(acc);
-    at::Tensor coef = at::empty({a.layout.C * int64_t(sizeof(ChannelCoef<acc_t>))}, a.input.options().dtype(at::kByte));
-    auto* k = reinterpret_cast<ChannelCoef<acc_t>*>(coef.data_ptr());
+    auto [coef, k] = channel_coefs<acc_t>(a);
     coefficients<acc_t>(a, true, true, a.mean_dz, a.mean_dz_xmu, k);
     grad_input<scalar_t, acc_t, decltype(A)::value>(a, k);
   });
