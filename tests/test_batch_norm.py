@@ -83,6 +83,40 @@ def test_matches_torch(device, layout, shape, dtype, training):
         assert ours[1].stride() == x.stride()
 
 
+EPILOGUES = [("relu", 0.01), ("leaky_relu", 0.2), ("leaky_relu", -0.3), ("silu", 0.01)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", [(3, 16, 8, 8), (2, 3, 4, 5, 6), (5, 7, 11)], ids=str)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("activation,slope", EPILOGUES)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_fused_epilogue_matches_torch_composition(device, layout, shape, dtype, activation, slope, training):
+    """act(batch_norm(x) + residual) against torch's batch_norm, add and activation: output
+    and the gradients of input, weight, bias and residual, in every layout and dtype."""
+    x = make_input(shape, dtype, layout, device)
+    r = make_input(shape, dtype, layout, device, mean=-0.5, std=1.0)
+    w, b, rm, rv = make_params(shape[1], dtype, device)
+    g = torch.randn_like(x)
+
+    def run(fn, upcast):
+        conv = (lambda t: t.detach().double()) if upcast else (lambda t: t.detach().clone())
+        xr, wr, br, rr = (conv(t).requires_grad_() for t in (x, w, b, r))
+        out = fn(xr, conv(rm), conv(rv), wr, br, training, 0.1, 1e-5, residual=rr, activation=activation,
+                 negative_slope=slope)
+        out.backward(g.double() if upcast else g)
+        return out, xr.grad, wr.grad, br.grad, rr.grad
+
+    ours = run(fastnorm.functional.batch_norm, False)
+    ref = run(fastnorm.reference.batch_norm, True)
+    theirs = run(fastnorm.reference.batch_norm, False)
+    for name, o, rf, t in zip(["output", "grad input", "grad weight", "grad bias", "grad residual"], ours, ref, theirs):
+        assert_close_to_reference(o, rf, dtype, t, what=name, per_tensor=name in ("grad weight", "grad bias"))
+    if layout != "strided":
+        assert ours[0].stride() == x.stride() and ours[4].stride() == x.stride()
+
+
 def test_running_stats_dtype_and_untouched_in_eval():
     x = torch.randn(8, 4, 3)
     w, b, rm, rv = make_params(4, torch.float32, "cpu")
