@@ -375,7 +375,7 @@ struct RowGroups {
     constexpr int64_t kBlockRound = 4, kFewBlocks = 32;
     int64_t r = std::min(std::max(kMinRowsPerBlock, kRowBlock / C), kMaxAdds * rows);
     const int64_t nb = (M + r - 1) / r;
-    if (nb < kFewBlocks) {
+    if (nb > 0 && nb < kFewBlocks) {  // (no rows: nothing to share out)
       const int64_t even = (nb + kBlockRound - 1) / kBlockRound * kBlockRound;
       r = (M + even - 1) / even;
     }
