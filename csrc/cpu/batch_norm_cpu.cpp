@@ -198,6 +198,12 @@ inline void prefetch_next_stack(const scalar_t* p, int64_t ahead) {
   __builtin_prefetch(p + ahead, 0, 2);
 }
 
+// p + off, or null for an absent tensor.
+template <typename P>
+inline P* offset_or_null(P* p, int64_t off) {
+  return p ? p + off : nullptr;
+}
+
 // Sums of d and d^2 with d = x - shift (the kMean slot), over `groups` spans of n values
 // group_stride apart that share their positions (stacked row groups, see
 // stacked_row_spans): one update of the sums per position for all of them. Groups is
@@ -247,7 +253,6 @@ void grad_sums_span(const scalar_t* __restrict x, const scalar_t* __restrict res
                     const scalar_t* __restrict dy, bool needs_z, int64_t n, const Cf& cf, const Vec_t<scalar_t> slope,
                     S& sums, Groups groups, int64_t group_stride) {
   using L = Lanes<scalar_t>;
-  auto at = [](const scalar_t* p, int64_t off) { return p ? p + off : nullptr; };
   span_loop<L::kWidth>(n, [&](int64_t i, auto cnt, auto u) {
     Vec_t<scalar_t> a[L::kVecs], b[L::kVecs];
     for (int64_t g = 0; g < groups; ++g) {
@@ -258,7 +263,8 @@ void grad_sums_span(const scalar_t* __restrict x, const scalar_t* __restrict res
         prefetch_next_stack(dy + off + i, groups * group_stride);
       }
       L::load(x + off + i, v, cnt);
-      grad_preact<scalar_t, A>(at(res, off), at(y, off), dy + off, needs_z, i, cnt, cf, v, slope, dz);
+      grad_preact<scalar_t, A>(offset_or_null(res, off), offset_or_null(y, off), dy + off, needs_z, i, cnt, cf, v,
+                               slope, dz);
       for (int64_t k = 0; k < L::kVecs; ++k) {
         const auto gz = L::valid(dz[k], k, cnt);
         const auto xmu = v[k] - cf.at(kMean, i + k * Vec_t<scalar_t>::size());
@@ -316,12 +322,10 @@ struct Tensors {
     out = a.grad_input.defined() ? a.grad_input.data_ptr<scalar_t>() : nullptr;
     dz = a.grad_preact.defined() ? a.grad_preact.data_ptr<scalar_t>() : nullptr;
   }
-  const scalar_t* at(const scalar_t* p, int64_t off) const { return p ? p + off : nullptr; }
-  scalar_t* at(scalar_t* p, int64_t off) const { return p ? p + off : nullptr; }
 
   template <Activation A, class Cf>
   void normalize(int64_t off, int64_t n, const Cf& cf) const {
-    normalize_span<scalar_t, A>(x + off, at(res, off), out + off, n, cf, slope, stream);
+    normalize_span<scalar_t, A>(x + off, offset_or_null(res, off), out + off, n, cf, slope, stream);
   }
   using One = std::integral_constant<int64_t, 1>;
   template <class Cf, class S, class Groups = One>
@@ -330,13 +334,13 @@ struct Tensors {
   }
   template <Activation A, class Cf, class S, class Groups = One>
   void grad_sums(int64_t off, int64_t n, const Cf& cf, S& sums, Groups groups = {}, int64_t stride = 0) const {
-    grad_sums_span<scalar_t, A>(x + off, at(res, off), at(y, off), dy + off, needs_z, n, cf, slope, sums, groups,
-                                stride);
+    grad_sums_span<scalar_t, A>(x + off, offset_or_null(res, off), offset_or_null(y, off), dy + off, needs_z, n, cf,
+                                slope, sums, groups, stride);
   }
   template <Activation A, class Cf>
   void grad_input(int64_t off, int64_t n, const Cf& cf) const {
-    grad_input_span<scalar_t, A>(x + off, at(res, off), at(y, off), dy + off, at(out, off), at(dz, off), needs_z, n,
-                                 cf, slope, stream);
+    grad_input_span<scalar_t, A>(x + off, offset_or_null(res, off), offset_or_null(y, off), dy + off,
+                                 offset_or_null(out, off), offset_or_null(dz, off), needs_z, n, cf, slope, stream);
   }
 };
 
