@@ -46,15 +46,18 @@ def make_params(C, dtype, device):
     return w, b, rm, rv
 
 
-def run_functional(fn, x, w, b, rm, rv, g, training, momentum=0.1, eps=1e-5, upcast=False, **kw):
+def run_functional(fn, x, w, b, rm, rv, g, training, momentum=0.1, eps=1e-5, upcast=False, residual=None, **kw):
     """Runs fn (fastnorm's or torch's batch_norm) forward and backward on copies of the
-    inputs; returns output, grads (x, w, b) and the running statistics after the call."""
+    inputs; returns output, grads (x, w, b) and the running statistics after the call, then
+    the residual's grad when a residual is given."""
     conv = (lambda t: t.detach().double()) if upcast else (lambda t: t.detach().clone())
     xr, wr, br = (conv(t).requires_grad_() for t in (x, w, b))
     rm_, rv_ = conv(rm), conv(rv)
+    if residual is not None:
+        kw["residual"] = residual = conv(residual).requires_grad_()
     out = fn(xr, rm_, rv_, wr, br, training, momentum, eps, **kw)
     out.backward(g.double() if upcast else g)
-    return out, xr.grad, wr.grad, br.grad, rm_, rv_
+    return (out, xr.grad, wr.grad, br.grad, rm_, rv_) + ((residual.grad,) if residual is not None else ())
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -101,12 +104,9 @@ def test_fused_epilogue_matches_torch_composition(device, layout, shape, dtype, 
     g = torch.randn_like(x)
 
     def run(fn, upcast):
-        conv = (lambda t: t.detach().double()) if upcast else (lambda t: t.detach().clone())
-        xr, wr, br, rr = (conv(t).requires_grad_() for t in (x, w, b, r))
-        out = fn(xr, conv(rm), conv(rv), wr, br, training, 0.1, 1e-5, residual=rr, activation=activation,
-                 negative_slope=slope)
-        out.backward(g.double() if upcast else g)
-        return out, xr.grad, wr.grad, br.grad, rr.grad
+        out, gx, gw, gb, _, _, gr = run_functional(fn, x, w, b, rm, rv, g, training, upcast=upcast, residual=r,
+                                                   activation=activation, negative_slope=slope)
+        return out, gx, gw, gb, gr
 
     ours = run(fastnorm.functional.batch_norm, False)
     ref = run(fastnorm.reference.batch_norm, True)
