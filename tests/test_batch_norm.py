@@ -66,6 +66,12 @@ def run_functional(fn, x, w, b, rm, rv, g, training, momentum=0.1, eps=1e-5, upc
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_matches_torch(device, layout, shape, dtype, training):
+    check_matches_torch(device, layout, shape, dtype, training)
+
+
+def check_matches_torch(device, layout, shape, dtype, training):
+    """Output, gradients and running statistics against torch in float64, within the
+    tolerance table (and torch's own error in the same dtype)."""
     x = make_input(shape, dtype, layout, device)
     w, b, rm, rv = make_params(shape[1], dtype, device)
     g = torch.randn_like(x)
@@ -96,6 +102,10 @@ EPILOGUES = [("relu", 0.01), ("leaky_relu", 0.2), ("leaky_relu", -0.3), ("silu",
 @pytest.mark.parametrize("activation,slope", EPILOGUES)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_fused_epilogue_matches_torch_composition(device, layout, shape, dtype, activation, slope, training):
+    check_epilogue_matches_torch(device, layout, shape, dtype, activation, slope, training)
+
+
+def check_epilogue_matches_torch(device, layout, shape, dtype, activation, slope, training):
     """act(batch_norm(x) + residual) against torch's batch_norm, add and activation: output
     and the gradients of input, weight, bias and residual, in every layout and dtype."""
     x = make_input(shape, dtype, layout, device)
@@ -206,6 +216,12 @@ MODULES = [
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("track", [True, False])
 def test_module_training_steps_match_torch(device, ours_cls, torch_cls, shape, momentum, affine, track):
+    check_module_steps_match_torch(device, ours_cls, torch_cls, shape, momentum, affine, track)
+
+
+def check_module_steps_match_torch(device, ours_cls, torch_cls, shape, momentum, affine, track):
+    """Three training steps and an evaluation in float64: outputs, gradients and every
+    buffer (running statistics, num_batches_tracked) equal to torch's module."""
     kw = dict(momentum=momentum, affine=affine, track_running_stats=track, device=device, dtype=torch.float64)
     ours, ref = ours_cls(shape[1], **kw), torch_cls(shape[1], **kw)
     if affine:

@@ -1,12 +1,14 @@
 """CUDA-only behaviour (the shared matrix in test_batch_norm.py also runs on CUDA): mixed
-devices, unaligned and odd-sized tensors (the scalar paths), many channels, CUDA graphs,
-concurrent streams, and tensors past 2^31 values."""
+devices, unaligned and odd-sized tensors (the scalar paths), many channels, the kernels that
+keep a channel on chip, CUDA graphs, concurrent streams, and tensors past 2^31 values."""
 import pytest
 import torch
 import torch.nn.functional as F
 
 import fastnorm
-from conftest import assert_close_to_reference
+from conftest import FLOAT_DTYPES, assert_close_to_reference
+from test_batch_norm import (EPILOGUES, check_epilogue_matches_torch, check_matches_torch,
+                             check_module_steps_match_torch, make_input, make_params)
 
 pytestmark = pytest.mark.skipif(not (torch.cuda.is_available() and fastnorm.backends()["cuda"]),
                                 reason="needs a GPU and the CUDA kernels")
@@ -61,12 +63,74 @@ def test_unaligned_tensors_take_the_scalar_path(dtype):
     compare_train(x, w, b, dtype, residual=r, activation="relu")
 
 
-def test_cuda_graph_capture():
-    bn = fastnorm.BatchNorm2d(16, activation="silu").cuda()
-    ref = fastnorm.BatchNorm2d(16, activation="silu").cuda()
+# Planar shapes whose training forward and backward take the on-chip kernels
+# (batch_norm_on_chip.cuh) on current GPUs: planes of at least 64 bytes, a channel's values
+# within a block's shared memory, and more channels than the GPU holds blocks at once.
+# Plane sizes: odd (scalar packs), 196 (4-value packs), 64 (16-byte packs).
+ON_CHIP_SHAPES = [(16, 2048, 7, 7), (3, 2048, 5, 13), (8, 2048, 14, 14), (4, 2048, 64)]
+
+
+def kernels_launched(fn):
+    """The names of the CUDA kernels that fn launches, joined."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return " ".join(e.key for e in prof.key_averages())
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_on_chip_kernels_are_taken(dtype):
+    """The shapes below exercise the on-chip kernels (and a few channels do not)."""
+    def step(shape):
+        x = make_input(shape, dtype, "contiguous", "cuda").requires_grad_()
+        w, b, rm, rv = make_params(shape[1], dtype, "cuda")
+        w.requires_grad_()
+        out = fastnorm.functional.batch_norm(x, rm, rv, w, b, training=True)
+        return lambda: out.backward(torch.randn_like(out))
+
+    names = kernels_launched(lambda: step((16, 2048, 7, 7))())
+    assert "backward_on_chip_kernel" in names, names
+    x = make_input((16, 2048, 7, 7), dtype, "contiguous", "cuda")
+    names = kernels_launched(lambda: fastnorm.functional.batch_norm(x, None, None, training=True))
+    assert "train_on_chip_kernel" in names, names
+    names = kernels_launched(lambda: step((16, 64, 7, 7))())
+    assert "on_chip" not in names and "reduce_planar_kernel" in names, names
+
+
+@pytest.mark.parametrize("shape", ON_CHIP_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_on_chip_kernels_match_torch(shape, dtype, training):
+    check_matches_torch("cuda", "contiguous", shape, dtype, training)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("activation,slope", EPILOGUES)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_on_chip_epilogues_match_torch(dtype, activation, slope, training):
+    check_epilogue_matches_torch("cuda", "contiguous", (8, 2048, 14, 14), dtype, activation, slope, training)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_on_chip_slabs_past_48_kib(dtype):
+    """64 x 14 x 14 values per channel: 50 KiB in float32 (the opt-in shared memory)."""
+    check_matches_torch("cuda", "contiguous", (64, 2048, 14, 14), dtype, True)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_on_chip_module_steps_match_torch(momentum):
+    """Running statistics and num_batches_tracked (the last block increments it)."""
+    check_module_steps_match_torch("cuda", fastnorm.BatchNorm2d, torch.nn.BatchNorm2d, (4, 2048, 8, 8), momentum,
+                                   True, True)
+
+
+@pytest.mark.parametrize("channels", [16, 2048], ids=["reduce", "on_chip"])
+def test_cuda_graph_capture(channels):
+    bn = fastnorm.BatchNorm2d(channels, activation="silu").cuda()
+    ref = fastnorm.BatchNorm2d(channels, activation="silu").cuda()
     ref.load_state_dict(bn.state_dict())
-    x = torch.randn(8, 16, 12, 12, device="cuda", requires_grad=True)
-    g = torch.randn(8, 16, 12, 12, device="cuda")
+    x = torch.randn(8, channels, 12, 12, device="cuda", requires_grad=True)
+    g = torch.randn(8, channels, 12, 12, device="cuda")
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):  # warm-up on a side stream, as capture requires

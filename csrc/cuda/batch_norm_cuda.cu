@@ -12,11 +12,13 @@
 
 #include <map>
 #include <mutex>
+#include <tuple>
 #include <utility>
 #include <vector>
 
 #include "batch_norm.h"
 #include "cuda/batch_norm_kernels.cuh"
+#include "cuda/batch_norm_on_chip.cuh"
 
 namespace fastnorm::cuda {
 namespace {
@@ -223,6 +225,125 @@ std::pair<at::Tensor, ChannelCoef<acc_t>*> channel_coefs(const NormArgs& a) {
   return {std::move(t), k};
 }
 
+// ---------------------------------------------------------------------------------------
+// The on-chip kernels (batch_norm_on_chip.cuh).
+
+// Their pack width: the widest, up to 16 bytes, that divides S and to whose size every
+// tensor is aligned (so each plane starts on a pack).
+template <typename scalar_t>
+int slab_pack_width(int64_t S, std::initializer_list<at::Tensor> tensors) {
+  int vec = vec_width<scalar_t>();
+  for (; vec > 1; vec /= 2) {
+    const auto bytes = uintptr_t(vec) * sizeof(scalar_t);
+    bool fits = S % vec == 0;
+    for (const auto& t : tensors) {
+      fits = fits && (!t.defined() || reinterpret_cast<uintptr_t>(t.data_ptr()) % bytes == 0);
+    }
+    if (fits) break;
+  }
+  return vec;
+}
+
+// Calls f(integral_constant<int, VEC>) for vec in {1, 2, 4, 8}, up to the 16-byte width.
+template <typename scalar_t, typename F>
+void with_pack_width(int vec, F&& f) {
+  constexpr int V = vec_width<scalar_t>();
+  if constexpr (V >= 8) {
+    if (vec == 8) return f(std::integral_constant<int, 8>{});
+  }
+  if constexpr (V >= 4) {
+    if (vec == 4) return f(std::integral_constant<int, 4>{});
+  }
+  if (vec == 2) return f(std::integral_constant<int, 2>{});
+  f(std::integral_constant<int, 1>{});
+}
+
+// How many blocks of `kernel` (kThreads threads, `bytes` of dynamic shared memory) one
+// multiprocessor of the current device holds at once, after raising the kernel's limit
+// to `bytes` where that passes the default 48 KiB. Remembered per (device, kernel, bytes):
+// the driver calls cost more than a launch.
+int resident_blocks(const void* kernel, int64_t bytes) {
+  static std::mutex mutex;
+  static std::map<std::tuple<int, const void*, int64_t>, int> known;
+  const auto key = std::make_tuple(int(c10::cuda::current_device()), kernel, bytes);
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = known.find(key);
+  if (it != known.end()) return it->second;
+  if (bytes > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
+  }
+  int blocks = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, size_t(bytes)));
+  known.emplace(key, blocks);
+  return blocks;
+}
+
+// The dynamic shared memory of an on-chip launch of `kernel` holding `slabs` tensors per
+// channel, or 0 when the on-chip kernels do not apply: channels innermost, or planes too
+// short for coalesced reads; slabs that leave fewer than two blocks per multiprocessor; or
+// fewer channels than the GPU holds blocks at once, where the reduction that splits each
+// channel over many blocks keeps more of it busy.
+template <typename Kernel>
+size_t on_chip_bytes(Kernel* kernel, const Layout& L, int64_t elem, int slabs) {
+  if (L.channels_last || L.S * elem < 64) return 0;
+  const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
+  const int64_t limit = int64_t(props->sharedMemPerBlockOptin);
+  if (L.count() > limit) return 0;  // (before the product below can overflow)
+  const int64_t bytes = L.count() * elem * slabs;
+  if (bytes > limit) return 0;
+  const int per_sm = resident_blocks(reinterpret_cast<const void*>(kernel), bytes);
+  if (per_sm < 2 || L.C < int64_t(per_sm) * props->multiProcessorCount) return 0;
+  return size_t(bytes);
+}
+
+template <int VEC>
+SlabWalk<VEC> slab_walk(const Layout& L) {
+  return {L.C, L.S, at::cuda::detail::IntDivider<uint32_t>(uint32_t(L.S / VEC))};
+}
+
+// The training forward in one launch, when it applies; false otherwise (nothing done).
+template <typename scalar_t, typename acc_t, Activation A>
+bool train_on_chip(const TrainArgs& a, const TrainFinish<acc_t>& finish, int64_t* nbt) {
+  const Layout& L = a.layout;
+  bool launched = false;
+  with_pack_width<scalar_t>(slab_pack_width<scalar_t>(L.S, {a.input, a.residual, a.output}), [&](auto vec) {
+    constexpr int VEC = decltype(vec)::value;
+    auto* kernel = &train_on_chip_kernel<VEC, scalar_t, acc_t, A>;
+    const size_t bytes = on_chip_bytes(kernel, L, sizeof(scalar_t), 1);
+    if (bytes == 0) return;
+    at::Tensor captured;
+    unsigned int* counter = nbt ? block_counters(1, captured) : nullptr;
+    kernel<<<unsigned(L.C), kThreads, bytes, at::cuda::getCurrentCUDAStream()>>>(
+        a.input.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(a.residual), a.output.data_ptr<scalar_t>(),
+        slab_walk<VEC>(L), uint32_t(L.count() / VEC), finish, acc_t(a.slope), nbt, counter);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launched = true;
+  });
+  return launched;
+}
+
+// The fused backward (sums, parameter gradients, grad input) in one launch, when it
+// applies; false otherwise (nothing done).
+template <typename scalar_t, typename acc_t, Activation A>
+bool backward_on_chip(const BackwardArgs& a, const GradOp<scalar_t, acc_t, A>& op, const GradFinish<acc_t>& finish) {
+  const Layout& L = a.layout;
+  bool launched = false;
+  const int vec = slab_pack_width<scalar_t>(
+      L.S, {a.input, a.grad_out, a.output, a.residual, a.grad_input, a.grad_preact});
+  with_pack_width<scalar_t>(vec, [&](auto v) {
+    constexpr int VEC = decltype(v)::value;
+    auto* kernel = &backward_on_chip_kernel<VEC, scalar_t, acc_t, A>;
+    const size_t bytes = on_chip_bytes(kernel, L, sizeof(scalar_t), op.v ? 3 : 2);
+    if (bytes == 0) return;
+    kernel<<<unsigned(L.C), kThreads, bytes, at::cuda::getCurrentCUDAStream()>>>(
+        op, ptr_or_null<scalar_t>(a.grad_input), ptr_or_null<scalar_t>(a.grad_preact), slab_walk<VEC>(L),
+        uint32_t(L.count() / VEC), finish);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launched = true;
+  });
+  return launched;
+}
+
 // Calls f(scalar_t{}, acc_t{}, integral_constant<Activation>), after the size checks that
 // must pass before any kernel writes anything.
 template <typename F>
@@ -255,6 +376,7 @@ void batch_norm_train(const TrainArgs& a) {
     const TrainFinish<acc_t> finish{channel_inputs<acc_t>(a), a.mean.data_ptr<acc_t>(), a.var.data_ptr<acc_t>(),
                                     ptr_or_null<acc_t>(a.running_mean), ptr_or_null<acc_t>(a.running_var), nbt,
                                     a.momentum, a.cumulative, k};
+    if (train_on_chip<scalar_t, acc_t, decltype(A)::value>(a, finish, nbt)) return;
     reduce<scalar_t>(a, op, finish, {a.input});
     normalize<scalar_t, acc_t, decltype(A)::value>(a, a.output, k, nbt);
   });
@@ -282,6 +404,7 @@ void batch_norm_backward(const BackwardArgs& a) {
       const GradReduce<scalar_t, acc_t, act> op{grad_op<scalar_t, acc_t, act>(a)};
       const GradFinish<acc_t> finish{channel_inputs<acc_t>(a), a.training, acc_t(a.layout.count()),
                                      ptr_or_null<acc_t>(a.grad_weight), ptr_or_null<acc_t>(a.grad_bias), k};
+      if (want_elemt && backward_on_chip<scalar_t, acc_t, act>(a, op, finish)) return;
       reduce<scalar_t>(a, op, finish, {a.input, a.grad_out, a.output, a.residual});
     } else {
       coefficients<acc_t>(a, true, a.training, at::Tensor(), at::Tensor(), k);

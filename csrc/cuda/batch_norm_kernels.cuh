@@ -3,7 +3,8 @@
 // A training forward is two launches: a reduction that computes every channel's
 // statistics (partial results per block, merged by the last block of each channel without
 // a second launch) and writes the per-channel coefficients, then an element-wise pass. The
-// backward is the same with the two gradient sums. Loads and stores are 16 bytes wide
+// backward is the same with the two gradient sums. (When a channel's values fit in shared
+// memory, batch_norm_on_chip.cuh does either in one launch and one read.) Loads and stores are 16 bytes wide
 // where the pointers allow; the per-element math and the merges are the CPU's
 // (common/batch_norm_math.h).
 #pragma once
@@ -166,7 +167,30 @@ struct GradOp {
       return activation_backward<acc_t>(dyv, u, A, slope);
     }
   }
+  // Adds one value's dz and dz * (x - mean) to the sums; returns dz.
+  __device__ __forceinline__ acc_t accumulate(State& s, acc_t dyv, acc_t xv, acc_t vv,
+                                              const ChannelCoef<acc_t>& k) const {
+    const acc_t dz = grad_preact(dyv, xv, vv, k);
+    s.a += dz;
+    s.b += dz * (xv - k.mean);
+    return dz;
+  }
 };
+
+// One output value of the forward: act(x * scale + shift (+ residual)).
+template <typename acc_t, Activation A>
+__device__ __forceinline__ acc_t forward_value(const ChannelCoef<acc_t>& k, acc_t xv, bool has_res, acc_t rv,
+                                               acc_t slope) {
+  acc_t z = xv * k.scale + k.shift;
+  if (has_res) z += rv;
+  return activate<acc_t>(z, A, slope);
+}
+
+// One value of the input gradient from dz, the gradient at the pre-activation.
+template <typename acc_t>
+__device__ __forceinline__ acc_t grad_input_value(const ChannelCoef<acc_t>& k, acc_t dz, acc_t xv) {
+  return dz * k.k_dz + xv * k.k_x + k.k_c;
+}
 
 // ---------------------------------------------------------------------------------------
 // Reductions over channels.
@@ -337,10 +361,7 @@ struct GradReduce : GradOp<scalar_t, acc_t, A> {
     if (this->v) vs = load_pack<N>(this->v + off);
 #pragma unroll
     for (int e = 0; e < N; ++e) {
-      const acc_t xv = acc_t(xs.v[e]);
-      const acc_t dz = Base::grad_preact(acc_t(dys.v[e]), xv, this->v ? acc_t(vs.v[e]) : acc_t(0), k[e]);
-      s[e].a += dz;
-      s[e].b += dz * (xv - k[e].mean);
+      Base::accumulate(s[e], acc_t(dys.v[e]), acc_t(xs.v[e]), this->v ? acc_t(vs.v[e]) : acc_t(0), k[e]);
     }
   }
 };
@@ -440,19 +461,15 @@ __global__ void __launch_bounds__(kThreads)
     if (res) rs = load_pack<VEC>(res + i0);
 #pragma unroll
     for (int e = 0; e < VEC; ++e) {
-      const ChannelCoef<acc_t>& k = coef[pos.c];
-      acc_t z = acc_t(xs.v[e]) * k.scale + k.shift;
-      if (res) z += acc_t(rs.v[e]);
-      ys.v[e] = scalar_t(activate<acc_t>(z, A, slope));
+      ys.v[e] = scalar_t(forward_value<acc_t, A>(coef[pos.c], acc_t(xs.v[e]), res != nullptr,
+                                                 res ? acc_t(rs.v[e]) : acc_t(0), slope));
       walk.next(pos);
     }
     store_pack<VEC>(out + i0, ys);
   }
   for (index_t i = packs * VEC + tid; i < numel; i += stride) {
-    const ChannelCoef<acc_t>& k = coef[walk.at(i).c];
-    acc_t z = acc_t(x[i]) * k.scale + k.shift;
-    if (res) z += acc_t(res[i]);
-    out[i] = scalar_t(activate<acc_t>(z, A, slope));
+    out[i] = scalar_t(forward_value<acc_t, A>(coef[walk.at(i).c], acc_t(x[i]), res != nullptr,
+                                              res ? acc_t(res[i]) : acc_t(0), slope));
   }
 }
 
@@ -477,7 +494,7 @@ __global__ void __launch_bounds__(kThreads)
       const acc_t xv = acc_t(xs.v[e]);
       const acc_t dz = op.grad_preact(acc_t(dys.v[e]), xv, op.v ? acc_t(vs.v[e]) : acc_t(0), k);
       gz.v[e] = scalar_t(dz);
-      gx.v[e] = scalar_t(dz * k.k_dz + xv * k.k_x + k.k_c);
+      gx.v[e] = scalar_t(grad_input_value(k, dz, xv));
       walk.next(pos);
     }
     if (dx) store_pack<VEC>(dx + i0, gx);
@@ -488,7 +505,7 @@ __global__ void __launch_bounds__(kThreads)
     const acc_t xv = acc_t(op.x[i]);
     const acc_t dz = op.grad_preact(acc_t(op.dy[i]), xv, op.v ? acc_t(op.v[i]) : acc_t(0), k);
     if (dz_out) dz_out[i] = scalar_t(dz);
-    if (dx) dx[i] = scalar_t(dz * k.k_dz + xv * k.k_x + k.k_c);
+    if (dx) dx[i] = scalar_t(grad_input_value(k, dz, xv));
   }
 }
 
