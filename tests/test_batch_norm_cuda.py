@@ -66,8 +66,9 @@ def test_unaligned_tensors_take_the_scalar_path(dtype):
 # Planar shapes whose training forward and backward take the on-chip kernels
 # (batch_norm_on_chip.cuh) on current GPUs: planes of at least 64 bytes, a channel's values
 # within a block's shared memory, and more channels than the GPU holds blocks at once.
-# Plane sizes: odd (scalar packs), 196 (4-value packs), 64 (16-byte packs).
-ON_CHIP_SHAPES = [(16, 2048, 7, 7), (3, 2048, 5, 13), (8, 2048, 14, 14), (4, 2048, 64)]
+# Plane sizes: odd (1-value packs), 50 (2-value packs for 16-bit types), 196 (4-value
+# packs), 64 (16-byte packs).
+ON_CHIP_SHAPES = [(16, 2048, 7, 7), (3, 2048, 5, 13), (8, 2048, 5, 10), (8, 2048, 14, 14), (4, 2048, 64)]
 
 
 def kernels_launched(fn):
@@ -78,22 +79,23 @@ def kernels_launched(fn):
     return " ".join(e.key for e in prof.key_averages())
 
 
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
-def test_on_chip_kernels_are_taken(dtype):
-    """The shapes below exercise the on-chip kernels (and a few channels do not)."""
-    def step(shape):
-        x = make_input(shape, dtype, "contiguous", "cuda").requires_grad_()
-        w, b, rm, rv = make_params(shape[1], dtype, "cuda")
-        w.requires_grad_()
-        out = fastnorm.functional.batch_norm(x, rm, rv, w, b, training=True)
-        return lambda: out.backward(torch.randn_like(out))
+def train_step(x, **kw):
+    """A training forward and backward of fastnorm's batch norm on x (with weight, bias and
+    running statistics)."""
+    w, b, rm, rv = make_params(x.shape[1], x.dtype, "cuda")
+    xr, wr = x.detach().clone().requires_grad_(), w.requires_grad_()
+    out = fastnorm.functional.batch_norm(xr, rm, rv, wr, b, training=True, **kw)
+    out.backward(torch.randn_like(out))
 
-    names = kernels_launched(lambda: step((16, 2048, 7, 7))())
-    assert "backward_on_chip_kernel" in names, names
-    x = make_input((16, 2048, 7, 7), dtype, "contiguous", "cuda")
-    names = kernels_launched(lambda: fastnorm.functional.batch_norm(x, None, None, training=True))
-    assert "train_on_chip_kernel" in names, names
-    names = kernels_launched(lambda: step((16, 64, 7, 7))())
+
+@pytest.mark.parametrize("shape", ON_CHIP_SHAPES, ids=str)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_on_chip_kernels_are_taken(shape, dtype):
+    """The shapes the on-chip tests use do run the on-chip kernels (and few channels do not)."""
+    x = make_input(shape, dtype, "contiguous", "cuda")
+    names = kernels_launched(lambda: train_step(x))
+    assert "train_on_chip_kernel" in names and "backward_on_chip_kernel" in names, names
+    names = kernels_launched(lambda: train_step(x[:, :64].contiguous()))
     assert "on_chip" not in names and "reduce_planar_kernel" in names, names
 
 
@@ -108,13 +110,40 @@ def test_on_chip_kernels_match_torch(shape, dtype, training):
 @pytest.mark.parametrize("activation,slope", EPILOGUES)
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_on_chip_epilogues_match_torch(dtype, activation, slope, training):
-    check_epilogue_matches_torch("cuda", "contiguous", (8, 2048, 14, 14), dtype, activation, slope, training)
+    shape = (8, 2048, 14, 14)
+    x = make_input(shape, dtype, "contiguous", "cuda")
+    names = kernels_launched(lambda: train_step(x, residual=torch.randn_like(x), activation=activation,
+                                                negative_slope=slope))
+    assert "train_on_chip_kernel" in names and "backward_on_chip_kernel" in names, names
+    check_epilogue_matches_torch("cuda", "contiguous", shape, dtype, activation, slope, training)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_on_chip_unaligned_tensors(dtype):
+    """A storage offset of one value: 1-value packs, still on chip."""
+    shape = (8, 2048, 8, 8)
+    n = 8 * 2048 * 64
+    x = (torch.randn(n + 1, device="cuda") * 2 + 0.5).to(dtype)[1:].view(shape)
+    w, b = torch.randn(2048, device="cuda"), torch.randn(2048, device="cuda")
+    r = torch.randn(n + 1, device="cuda").to(dtype)[1:].view(shape)
+    names = kernels_launched(lambda: compare_train(x, w, b, dtype, residual=r, activation="relu"))
+    assert "train_on_chip_kernel" in names and "backward_on_chip_kernel" in names, names
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_on_chip_slabs_past_48_kib(dtype):
     """64 x 14 x 14 values per channel: 50 KiB in float32 (the opt-in shared memory)."""
+    x = make_input((64, 2048, 14, 14), dtype, "contiguous", "cuda")
+    names = kernels_launched(lambda: fastnorm.functional.batch_norm(x, None, None, training=True))
+    assert "train_on_chip_kernel" in names, names
     check_matches_torch("cuda", "contiguous", (64, 2048, 14, 14), dtype, True)
+
+
+def test_on_chip_batch_sizes_in_turn():
+    """One kernel with different shared-memory sizes in turn (a smaller last batch, then
+    the next epoch): each launch within the kernel's limit."""
+    for n in (64, 50, 64, 40):
+        check_matches_torch("cuda", "contiguous", (n, 2048, 14, 14), torch.float32, True)
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])

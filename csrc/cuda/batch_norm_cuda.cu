@@ -258,23 +258,46 @@ void with_pack_width(int vec, F&& f) {
   f(std::integral_constant<int, 1>{});
 }
 
-// How many blocks of `kernel` (kThreads threads, `bytes` of dynamic shared memory) one
-// multiprocessor of the current device holds at once, after raising the kernel's limit
-// to `bytes` where that passes the default 48 KiB. Remembered per (device, kernel, bytes):
-// the driver calls cost more than a launch.
+// The most dynamic shared memory a block of `kernel` may have on the current device (the
+// opt-in limit less the kernel's static shared memory), set as the kernel's limit on first
+// use so that no launch ever needs a different one; and how many blocks of kThreads
+// threads with `bytes` of it one multiprocessor holds at once. Both remembered: the driver
+// calls cost more than a launch.
+struct SharedMemory {
+  std::mutex mutex;
+  std::map<std::pair<int, const void*>, int64_t> limit;
+  std::map<std::tuple<int, const void*, int64_t>, int> resident;
+};
+
+SharedMemory& shared_memory() {
+  static SharedMemory s;
+  return s;
+}
+
+int64_t dynamic_shared_limit(const void* kernel) {
+  SharedMemory& s = shared_memory();
+  const auto key = std::make_pair(int(c10::cuda::current_device()), kernel);
+  std::lock_guard<std::mutex> lock(s.mutex);
+  auto it = s.limit.find(key);
+  if (it != s.limit.end()) return it->second;
+  cudaFuncAttributes attrs;
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attrs, kernel));
+  const int64_t limit =
+      int64_t(at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin) - int64_t(attrs.sharedSizeBytes);
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(limit)));
+  s.limit.emplace(key, limit);
+  return limit;
+}
+
 int resident_blocks(const void* kernel, int64_t bytes) {
-  static std::mutex mutex;
-  static std::map<std::tuple<int, const void*, int64_t>, int> known;
+  SharedMemory& s = shared_memory();
   const auto key = std::make_tuple(int(c10::cuda::current_device()), kernel, bytes);
-  std::lock_guard<std::mutex> lock(mutex);
-  auto it = known.find(key);
-  if (it != known.end()) return it->second;
-  if (bytes > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)));
-  }
+  std::lock_guard<std::mutex> lock(s.mutex);
+  auto it = s.resident.find(key);
+  if (it != s.resident.end()) return it->second;
   int blocks = 0;
   C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, size_t(bytes)));
-  known.emplace(key, blocks);
+  s.resident.emplace(key, blocks);
   return blocks;
 }
 
@@ -285,14 +308,15 @@ int resident_blocks(const void* kernel, int64_t bytes) {
 // channel over many blocks keeps more of it busy.
 template <typename Kernel>
 size_t on_chip_bytes(Kernel* kernel, const Layout& L, int64_t elem, int slabs) {
-  if (L.channels_last || L.S * elem < 64) return 0;
-  const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
-  const int64_t limit = int64_t(props->sharedMemPerBlockOptin);
+  const int sms = multiprocessors();
+  if (L.channels_last || L.S * elem < 64 || L.C < 2 * int64_t(sms)) return 0;
+  const auto* k = reinterpret_cast<const void*>(kernel);
+  const int64_t limit = dynamic_shared_limit(k);
   if (L.count() > limit) return 0;  // (before the product below can overflow)
   const int64_t bytes = L.count() * elem * slabs;
   if (bytes > limit) return 0;
-  const int per_sm = resident_blocks(reinterpret_cast<const void*>(kernel), bytes);
-  if (per_sm < 2 || L.C < int64_t(per_sm) * props->multiProcessorCount) return 0;
+  const int per_sm = resident_blocks(k, bytes);
+  if (per_sm < 2 || L.C < int64_t(per_sm) * sms) return 0;
   return size_t(bytes);
 }
 

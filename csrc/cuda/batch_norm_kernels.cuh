@@ -378,7 +378,7 @@ struct TrainFinish {
   acc_t* save_var;
   acc_t* running_mean;  // may be null
   acc_t* running_var;
-  const int64_t* num_batches_tracked;  // may be null; read, incremented later by the element pass
+  const int64_t* num_batches_tracked;  // may be null; read here, incremented once every channel has read it
   double momentum;
   bool cumulative;
   ChannelCoef<acc_t>* coef;
