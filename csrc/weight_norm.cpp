@@ -32,6 +32,12 @@ void check_v(const char* op, const Tensor& v, int64_t dim) {
 
 int64_t slices(const Tensor& v, int64_t dim) { return dim == -1 ? 1 : v.size(dim); }
 
+// A per-slice tensor (g, norm: one value per slice in any shape) as the kernels read it:
+// contiguous in the accumulation dtype. Usually it is already: no op is dispatched then.
+Tensor per_slice(const Tensor& t, at::ScalarType acc) {
+  return t.scalar_type() == acc && t.is_contiguous() ? t : t.to(acc).contiguous();
+}
+
 // g holds one value per slice: shape [D], [] (D == 1), or v's rank with 1 everywhere but dim.
 void check_g(const char* op, const Tensor& v, const Tensor& g, int64_t dim) {
   const int64_t D = slices(v, dim);
@@ -83,7 +89,7 @@ std::tuple<Tensor, Tensor> weight_norm(const Tensor& v, const Tensor& g, int64_t
   c10::DeviceGuard guard(v.device());
   WeightNormArgs a;
   a.v = dense_view(v, dim, a);
-  a.g = g.reshape({-1}).to(acc_dtype(v)).contiguous();
+  a.g = per_slice(g, acc_dtype(v));
   a.eps = eps;
   a.w = at::empty_like(a.v);
   a.norm = at::empty({a.D}, v.options().dtype(acc_dtype(v)));
@@ -103,17 +109,17 @@ std::tuple<Tensor, Tensor> weight_norm_backward_impl(const char* op, const Tenso
   WeightNormArgs a;
   a.v = dense_view(v, dim, a);
   a.grad_w = like(grad_w, a.v);
-  a.g = g.reshape({-1}).to(acc_dtype(v)).contiguous();
-  a.norm = norm.to(acc_dtype(v)).contiguous();
+  a.g = per_slice(g, acc_dtype(v));
+  a.norm = per_slice(norm, acc_dtype(v));
   a.grad_v = in_place && a.grad_w.is_same(grad_w) ? grad_w : at::empty_like(a.v);
-  a.grad_g = at::empty({a.D}, v.options().dtype(acc_dtype(v)));
+  a.grad_g = at::empty(g.sizes(), v.options().dtype(acc_dtype(v)));  // contiguous, g's shape
   if (v.numel() > 0) {
     FASTNORM_RUN_WN_KERNEL(v.is_cuda(), weight_norm_backward, a);
   } else {
     a.grad_g.zero_();
   }
   if (in_place && !a.grad_v.is_same(grad_w)) grad_w.copy_(a.grad_v);
-  return {a.grad_v, a.grad_g.to(g.scalar_type()).reshape(g.sizes())};
+  return {a.grad_v, a.grad_g.to(g.scalar_type())};
 }
 
 std::tuple<Tensor, Tensor> weight_norm_backward(const Tensor& grad_w, const Tensor& v, const Tensor& g,

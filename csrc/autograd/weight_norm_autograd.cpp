@@ -60,6 +60,7 @@ class WeightNorm : public torch::autograd::Function<WeightNorm> {
     ctx->saved_data["dim"] = dim;
     ctx->saved_data["eps"] = eps;
     ctx->mark_non_differentiable({norm});
+    ctx->set_materialize_grads(false);  // norm's gradient is never used: no zeros made for it
     return {w, norm};
   }
 

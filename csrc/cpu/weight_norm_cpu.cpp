@@ -66,14 +66,23 @@ double sum_squares(const T* p, int64_t n) {
   return dot(p, p, n);
 }
 
-// Per-slice coefficients of the element passes: one value for a whole span (kPerLane
-// false: slices with runs), or one per lane read from an array (last-dim slices, where
-// consecutive values belong to consecutive slices; the arrays are padded to whole vectors).
+// Per-slice coefficients of the element passes: one per lane read from an array (kPerLane:
+// last-dim slices, where consecutive values belong to consecutive slices; the arrays are
+// padded to whole vectors), or one value for a whole span (slices with runs).
 template <typename acc_t, bool kPerLane>
 struct Coef {
   const acc_t* p;
-  Vectorized<acc_t> at(int64_t i) const { return kPerLane ? Vectorized<acc_t>::loadu(p + i) : Vectorized<acc_t>(*p); }
-  acc_t value(int64_t i) const { return kPerLane ? p[i] : *p; }
+  Vectorized<acc_t> at(int64_t i) const { return Vectorized<acc_t>::loadu(p + i); }
+  acc_t value(int64_t i) const { return p[i]; }
+};
+
+// Held by value: through a pointer of the output's type it would be reloaded after every
+// store.
+template <typename acc_t>
+struct Coef<acc_t, false> {
+  acc_t v;
+  Vectorized<acc_t> at(int64_t) const { return Vectorized<acc_t>(v); }
+  acc_t value(int64_t) const { return v; }
 };
 
 // out = in * s over n values; streaming stores for large outputs (stream_store.h).
@@ -330,8 +339,7 @@ void forward_impl(const WeightNormArgs& a) {
         s[d] = double(g[d]) / n;
       },
       [&](int64_t d, int64_t off, int64_t n) {
-        const acc_t scale = acc_t(s[d]);
-        scale_span(w + off, v + off, n, Coef<acc_t, false>{&scale}, stream);
+        scale_span(w + off, v + off, n, Coef<acc_t, false>{acc_t(s[d])}, stream);
       });
 }
 
@@ -366,7 +374,7 @@ void backward_impl(const WeightNormArgs& a) {
   slice_pass(
       a, [&](int64_t off, int64_t n) { return dot(gw + off, v + off, n); }, finish,
       [&](int64_t d, int64_t off, int64_t n) {
-        const Coef<acc_t, false> A{&k[d].a}, hi{&k[d].c_hi}, lo{&k[d].c_lo};
+        const Coef<acc_t, false> A{k[d].a}, hi{k[d].c_hi}, lo{k[d].c_lo};
         if (short_slices) {
           grad_v_span<T, false, true>(gv + off, gw + off, v + off, n, A, hi, lo, stream);
         } else {
