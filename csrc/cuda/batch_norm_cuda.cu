@@ -13,6 +13,7 @@
 #include <map>
 #include <mutex>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -304,8 +305,9 @@ int resident_blocks(const void* kernel, int64_t bytes) {
 // The dynamic shared memory of an on-chip launch of `kernel` holding `slabs` tensors per
 // channel, or 0 when the on-chip kernels do not apply: channels innermost, or planes too
 // short for coalesced reads; slabs that leave fewer than two blocks per multiprocessor; or
-// fewer channels than the GPU holds blocks at once, where the reduction that splits each
-// channel over many blocks keeps more of it busy.
+// too few channels (one block each) to give every multiprocessor three blocks, or as many
+// as it holds, where the reduction that splits each channel over many blocks keeps more of
+// the GPU busy.
 template <typename Kernel>
 size_t on_chip_bytes(Kernel* kernel, const Layout& L, int64_t elem, int slabs) {
   const int sms = multiprocessors();
@@ -316,7 +318,7 @@ size_t on_chip_bytes(Kernel* kernel, const Layout& L, int64_t elem, int slabs) {
   const int64_t bytes = L.count() * elem * slabs;
   if (bytes > limit) return 0;
   const int per_sm = resident_blocks(k, bytes);
-  if (per_sm < 2 || L.C < int64_t(per_sm) * sms) return 0;
+  if (per_sm < 2 || L.C < int64_t(std::min(per_sm, 3)) * sms) return 0;
   return size_t(bytes);
 }
 
@@ -325,47 +327,60 @@ SlabWalk<VEC> slab_walk(const Layout& L) {
   return {L.C, L.S, at::cuda::detail::IntDivider<uint32_t>(uint32_t(L.S / VEC))};
 }
 
+// The on-chip kernels serve float32 accumulation only: float64 batch norm is rare on a GPU,
+// and its division routine spills registers inside them.
+template <typename acc_t>
+constexpr bool kOnChip = std::is_same_v<acc_t, float>;
+
 // The training forward in one launch, when it applies; false otherwise (nothing done).
 template <typename scalar_t, typename acc_t, Activation A>
 bool train_on_chip(const TrainArgs& a, const TrainFinish<acc_t>& finish, int64_t* nbt) {
-  const Layout& L = a.layout;
-  bool launched = false;
-  with_pack_width<scalar_t>(slab_pack_width<scalar_t>(L.S, {a.input, a.residual, a.output}), [&](auto vec) {
-    constexpr int VEC = decltype(vec)::value;
-    auto* kernel = &train_on_chip_kernel<VEC, scalar_t, acc_t, A>;
-    const size_t bytes = on_chip_bytes(kernel, L, sizeof(scalar_t), 1);
-    if (bytes == 0) return;
-    at::Tensor captured;
-    unsigned int* counter = nbt ? block_counters(1, captured) : nullptr;
-    kernel<<<unsigned(L.C), kThreads, bytes, at::cuda::getCurrentCUDAStream()>>>(
-        a.input.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(a.residual), a.output.data_ptr<scalar_t>(),
-        slab_walk<VEC>(L), uint32_t(L.count() / VEC), finish, acc_t(a.slope), nbt, counter);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    launched = true;
-  });
-  return launched;
+  if constexpr (!kOnChip<acc_t>) {
+    return false;
+  } else {
+    const Layout& L = a.layout;
+    bool launched = false;
+    with_pack_width<scalar_t>(slab_pack_width<scalar_t>(L.S, {a.input, a.residual, a.output}), [&](auto vec) {
+      constexpr int VEC = decltype(vec)::value;
+      auto* kernel = &train_on_chip_kernel<VEC, scalar_t, acc_t, A>;
+      const size_t bytes = on_chip_bytes(kernel, L, sizeof(scalar_t), 1);
+      if (bytes == 0) return;
+      at::Tensor captured;
+      unsigned int* counter = nbt ? block_counters(1, captured) : nullptr;
+      kernel<<<unsigned(L.C), kThreads, bytes, at::cuda::getCurrentCUDAStream()>>>(
+          a.input.data_ptr<scalar_t>(), ptr_or_null<scalar_t>(a.residual), a.output.data_ptr<scalar_t>(),
+          slab_walk<VEC>(L), uint32_t(L.count() / VEC), finish, acc_t(a.slope), nbt, counter);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launched = true;
+    });
+    return launched;
+  }
 }
 
 // The fused backward (sums, parameter gradients, grad input) in one launch, when it
 // applies; false otherwise (nothing done).
 template <typename scalar_t, typename acc_t, Activation A>
 bool backward_on_chip(const BackwardArgs& a, const GradOp<scalar_t, acc_t, A>& op, const GradFinish<acc_t>& finish) {
-  const Layout& L = a.layout;
-  bool launched = false;
-  const int vec = slab_pack_width<scalar_t>(
-      L.S, {a.input, a.grad_out, a.output, a.residual, a.grad_input, a.grad_preact});
-  with_pack_width<scalar_t>(vec, [&](auto v) {
-    constexpr int VEC = decltype(v)::value;
-    auto* kernel = &backward_on_chip_kernel<VEC, scalar_t, acc_t, A>;
-    const size_t bytes = on_chip_bytes(kernel, L, sizeof(scalar_t), op.v ? 3 : 2);
-    if (bytes == 0) return;
-    kernel<<<unsigned(L.C), kThreads, bytes, at::cuda::getCurrentCUDAStream()>>>(
-        op, ptr_or_null<scalar_t>(a.grad_input), ptr_or_null<scalar_t>(a.grad_preact), slab_walk<VEC>(L),
-        uint32_t(L.count() / VEC), finish);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    launched = true;
-  });
-  return launched;
+  if constexpr (!kOnChip<acc_t>) {
+    return false;
+  } else {
+    const Layout& L = a.layout;
+    bool launched = false;
+    const int vec = slab_pack_width<scalar_t>(
+        L.S, {a.input, a.grad_out, a.output, a.residual, a.grad_input, a.grad_preact});
+    with_pack_width<scalar_t>(vec, [&](auto v) {
+      constexpr int VEC = decltype(v)::value;
+      auto* kernel = &backward_on_chip_kernel<VEC, scalar_t, acc_t, A>;
+      const size_t bytes = on_chip_bytes(kernel, L, sizeof(scalar_t), op.v ? 3 : 2);
+      if (bytes == 0) return;
+      kernel<<<unsigned(L.C), kThreads, bytes, at::cuda::getCurrentCUDAStream()>>>(
+          op, ptr_or_null<scalar_t>(a.grad_input), ptr_or_null<scalar_t>(a.grad_preact), slab_walk<VEC>(L),
+          uint32_t(L.count() / VEC), finish);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launched = true;
+    });
+    return launched;
+  }
 }
 
 // Calls f(scalar_t{}, acc_t{}, integral_constant<Activation>), after the size checks that

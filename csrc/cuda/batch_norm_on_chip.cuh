@@ -1,11 +1,13 @@
 // Batch-norm CUDA kernels that hold each channel's values on chip.
 //
-// For a planar (N, C, S) tensor whose channel slab (N planes of S values) fits in shared
+// For a planar (N, C, S) tensor (float32, float16, bfloat16) whose channel slab (N planes of S values) fits in shared
 // memory, one block per channel (blockIdx.x) reads the slab once into shared memory,
 // reduces it, and writes the result from the shared copy: the training forward reads x
 // once instead of twice, the training backward reads x and dy once instead of twice. Each
 // thread re-reads only the packs it stored itself, so the copy needs no barrier of its
-// own. The per-value math and the merges are those of batch_norm_kernels.cuh.
+// own. The copy comes first, its loads unrolled so that many are in flight per thread
+// (the loads do not wait on the arithmetic), then the reduction from shared memory. The
+// per-value math and the merges are those of batch_norm_kernels.cuh.
 #pragma once
 
 #include <c10/macros/Macros.h>
@@ -45,12 +47,10 @@ __global__ void __launch_bounds__(kThreads)
   const Op op{x};
   const int t = thread_rank();
   const int64_t c = blockIdx.x;
+#pragma unroll 8
+  for (uint32_t p = t; p < packs; p += kThreads) slab[p] = load_pack<VEC>(x + walk.offset(c, p));
   typename Op::State s = Op::identity();
-  for (uint32_t p = t; p < packs; p += kThreads) {
-    const P xs = load_pack<VEC>(x + walk.offset(c, p));
-    slab[p] = xs;
-    op.template add<VEC>(s, xs, 0, VEC, ChannelCoef<acc_t>{});
-  }
+  for (uint32_t p = t; p < packs; p += kThreads) op.template add<VEC>(s, slab[p], 0, VEC, ChannelCoef<acc_t>{});
   s = block_reduce(s, Op::merge, Op::identity(), shared);
   if (t == 0) {
     finish(c, s);
@@ -91,15 +91,18 @@ __global__ void __launch_bounds__(kThreads)
   const int t = thread_rank();
   const int64_t c = blockIdx.x;
   const ChannelCoef<acc_t> kf = op.channel(c);
-  typename Op::State s = Op::identity();
+#pragma unroll 4
   for (uint32_t p = t; p < packs; p += kThreads) {
     const int64_t off = walk.offset(c, p);
-    const P xs = load_pack<VEC>(op.x + off), dys = load_pack<VEC>(op.dy + off);
+    x_slab[p] = load_pack<VEC>(op.x + off);
+    dy_slab[p] = load_pack<VEC>(op.dy + off);
+    if (op.v) v_slab[p] = load_pack<VEC>(op.v + off);
+  }
+  typename Op::State s = Op::identity();
+  for (uint32_t p = t; p < packs; p += kThreads) {
+    const P xs = x_slab[p], dys = dy_slab[p];
     P vs;
-    if (op.v) vs = load_pack<VEC>(op.v + off);
-    x_slab[p] = xs;
-    dy_slab[p] = dys;
-    if (op.v) v_slab[p] = vs;
+    if (op.v) vs = v_slab[p];
 #pragma unroll
     for (int e = 0; e < VEC; ++e) {
       op.accumulate(s, acc_t(dys.v[e]), acc_t(xs.v[e]), op.v ? acc_t(vs.v[e]) : acc_t(0), kf);
