@@ -58,7 +58,8 @@ __global__ void __launch_bounds__(kThreads)
   }
   __syncthreads();
   const ChannelCoef<acc_t> k = channel_coef;
-  for (uint32_t p = t; p < packs; p += kThreads) {
+#pragma unroll 4
+  for (uint32_t p = t; p < packs; p += kThreads) {  // (unrolled: the residual's loads in flight together)
     const int64_t off = walk.offset(c, p);
     const P xs = slab[p];
     P rs, ys;
