@@ -73,12 +73,16 @@ void with_vec(bool wide, F&& f) {
   }
 }
 
-// Element-wise kernels index with 32 bits: f(first, count) per chunk of the flat tensor.
+// Element-wise kernels index with 32 bits: f(first, count) per chunk of the flat tensor,
+// the last chunk first (the element-wise passes walk back to front).
 constexpr int64_t kChunk = int64_t(1) << 30;
 
 template <typename F>
 void for_each_chunk(int64_t numel, F&& f) {
-  for (int64_t first = 0; first < numel; first += kChunk) f(first, std::min(kChunk, numel - first));
+  if (numel <= 0) return;
+  for (int64_t first = (numel - 1) / kChunk * kChunk; first >= 0; first -= kChunk) {
+    f(first, std::min(kChunk, numel - first));
+  }
 }
 
 void check_32bit_sizes(const Layout& L) {
@@ -112,11 +116,10 @@ void reduce(const NormArgs& a, const Op& op, const Finish& finish, std::initiali
                                            std::max<int64_t>(1, items / (kThreads * 4)));
       const int64_t per_split = (items + splits - 1) / splits;
       splits = (items + per_split - 1) / per_split;
-      const int64_t grid_c = std::min<int64_t>(L.C, 65535);
       at::Tensor ws = at::empty({L.C * splits * int64_t(sizeof(State))}, a.input.options().dtype(at::kByte));
       at::Tensor captured;
       unsigned int* counters = block_counters(L.C, captured);
-      reduce_planar_kernel<VEC, scalar_t><<<dim3(splits, grid_c), kThreads, 0, stream>>>(
+      reduce_planar_kernel<VEC, scalar_t><<<dim3(unsigned(L.C), unsigned(splits)), kThreads, 0, stream>>>(
           op, finish, L.C, L.S, L.numel(), uint32_t(items), uint32_t(per_split),
           at::cuda::detail::IntDivider<uint32_t>(uint32_t(slots)), reinterpret_cast<State*>(ws.data_ptr()), counters);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -135,12 +138,11 @@ void reduce(const NormArgs& a, const Op& op, const Finish& finish, std::initiali
                                          std::max<int64_t>(1, M / (int64_t(ty) * 8)));
     const int64_t rows_per_split = (M + splits - 1) / splits;
     splits = (M + rows_per_split - 1) / rows_per_split;
-    TORCH_CHECK(tiles <= 65535, "fastnorm.batch_norm (CUDA): too many channels for one launch (", L.C, ")");
     at::Tensor ws = at::empty({splits * L.C * int64_t(sizeof(State))}, a.input.options().dtype(at::kByte));
     at::Tensor captured;
     unsigned int* counters = block_counters(tiles, captured);
     const size_t smem = size_t(kThreads) * VEC * sizeof(State);
-    reduce_rows_kernel<VEC, scalar_t><<<dim3(splits, tiles), dim3(tx, ty), smem, stream>>>(
+    reduce_rows_kernel<VEC, scalar_t><<<dim3(unsigned(tiles), unsigned(splits)), dim3(tx, ty), smem, stream>>>(
         op, finish, M, L.C, rows_per_split, reinterpret_cast<State*>(ws.data_ptr()), counters);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

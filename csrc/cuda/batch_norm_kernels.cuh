@@ -207,8 +207,9 @@ __device__ __forceinline__ bool last_block_done(unsigned int* counter, unsigned 
   return last;
 }
 
-// Planar (N, C, S): blockIdx.y is the channel (channels blockIdx.y + k * gridDim.y when C
-// exceeds the grid), blockIdx.x one of `splits` parts of its N planes. Each plane is read
+// Planar (N, C, S): blockIdx.x is the channel, blockIdx.y one of `splits` parts of its N
+// planes (so that blocks, launched x first, read the tensor front to back one part after
+// another when the planes are split: see the element-wise passes). Each plane is read
 // as the VEC-wide packs that cover it (lanes outside masked), `slots` packs per plane.
 // Partials go to ws[c * splits + split]; the channel's last block merges them and calls
 // finish(c, total).
@@ -219,9 +220,9 @@ __global__ void __launch_bounds__(kThreads)
                          typename Op::State* ws, unsigned int* counters) {
   using State = typename Op::State;
   __shared__ State shared[kWarpSize];
-  const int splits = gridDim.x, split = blockIdx.x;
+  const int splits = gridDim.y, split = blockIdx.y;
   const uint32_t begin = split * items_per_split, end = min(items, begin + items_per_split);
-  for (int64_t c = blockIdx.y; c < C; c += gridDim.y) {
+  for (int64_t c = blockIdx.x; c < C; c += gridDim.x) {
     const auto k = op.channel(c);
     State s = Op::identity();
     for (uint32_t it = begin + thread_rank(); it < end; it += block_size()) {
@@ -244,8 +245,9 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Channels innermost, M rows of C: blockIdx.y is a tile of TX * VEC channels, blockIdx.x
-// one of `splits` parts of the rows; thread (tx, ty) holds the states of VEC channels over
+// Channels innermost, M rows of C: blockIdx.x is a tile of TX * VEC channels, blockIdx.y
+// one of `splits` parts of the rows (front to back, as above); thread (tx, ty) holds the
+// states of VEC channels over
 // rows ty, ty + TY, ... Partials go to ws[split * C + c]; a tile's last block merges them.
 template <int VEC, typename scalar_t, typename Op, typename Finish>
 __global__ void __launch_bounds__(kThreads)
@@ -256,8 +258,8 @@ __global__ void __launch_bounds__(kThreads)
   extern __shared__ __align__(16) unsigned char smem_raw[];
   State* smem = reinterpret_cast<State*>(smem_raw);  // [blockDim.y][blockDim.x * VEC]
   const int TX = blockDim.x, TY = blockDim.y, tx = threadIdx.x, ty = threadIdx.y;
-  const int splits = gridDim.x, split = blockIdx.x;
-  const int64_t c0 = (int64_t(blockIdx.y) * TX + tx) * VEC;
+  const int splits = gridDim.y, split = blockIdx.y;
+  const int64_t c0 = (int64_t(blockIdx.x) * TX + tx) * VEC;
   const int lanes = c0 < C ? VEC : 0;  // VEC > 1 only when C % VEC == 0
   ChannelCoef<acc_t> k[VEC];
   State s[VEC];
@@ -287,8 +289,8 @@ __global__ void __launch_bounds__(kThreads)
   if (ty == 0) {
     for (int e = 0; e < lanes; ++e) ws[split * C + c0 + e] = smem[tx * VEC + e];
   }
-  if (!last_block_done(&counters[blockIdx.y], splits)) return;
-  const int64_t tile0 = int64_t(blockIdx.y) * TX * VEC;
+  if (!last_block_done(&counters[blockIdx.x], splits)) return;
+  const int64_t tile0 = int64_t(blockIdx.x) * TX * VEC;
   for (int i = thread_rank(); i < TX * VEC; i += block_size()) {
     const int64_t c = tile0 + i;
     if (c >= C) break;
@@ -441,7 +443,9 @@ struct SumsFinish {
 // ---------------------------------------------------------------------------------------
 // Element-wise passes over a chunk of the flat tensor (pointers at the chunk's start):
 // VEC values per thread and step, each value's channel from a ChannelWalk. A scalar tail
-// covers numel % VEC.
+// covers numel % VEC. They walk the tensor back to front: the reduction before them read
+// it front to back, so their first reads find what L2 still holds of its last ones (a
+// front-to-back walk would evict those lines before reaching them).
 
 // out = act(x * scale + shift (+ residual)).
 template <int VEC, typename scalar_t, typename acc_t, Activation A>
@@ -454,7 +458,7 @@ __global__ void __launch_bounds__(kThreads)
   if (num_batches_tracked && tid == 0) *num_batches_tracked += 1;  // after the statistics' reads
   const index_t packs = numel / VEC;
   for (index_t p = tid; p < packs; p += stride) {
-    const index_t i0 = p * VEC;
+    const index_t i0 = (packs - 1 - p) * VEC;
     auto pos = walk.at(i0);
     const auto xs = load_pack<VEC>(x + i0);
     Pack<scalar_t, VEC> rs, ys;
@@ -482,7 +486,7 @@ __global__ void __launch_bounds__(kThreads)
   const index_t tid = index_t(blockIdx.x) * blockDim.x + threadIdx.x, stride = index_t(gridDim.x) * blockDim.x;
   const index_t packs = numel / VEC;
   for (index_t p = tid; p < packs; p += stride) {
-    const index_t i0 = p * VEC;
+    const index_t i0 = (packs - 1 - p) * VEC;
     auto pos = walk.at(i0);
     const auto xs = load_pack<VEC>(op.x + i0);
     const auto dys = load_pack<VEC>(op.dy + i0);
