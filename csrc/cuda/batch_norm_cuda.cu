@@ -119,7 +119,8 @@ void reduce(const NormArgs& a, const Op& op, const Finish& finish, std::initiali
       at::Tensor ws = at::empty({L.C * splits * int64_t(sizeof(State))}, a.input.options().dtype(at::kByte));
       at::Tensor captured;
       unsigned int* counters = block_counters(L.C, captured);
-      reduce_planar_kernel<VEC, scalar_t><<<dim3(unsigned(L.C), unsigned(splits)), kThreads, 0, stream>>>(
+      const auto grid_c = unsigned(std::min<int64_t>(L.C, INT32_MAX));  // (the kernel loops past it)
+      reduce_planar_kernel<VEC, scalar_t><<<dim3(grid_c, unsigned(splits)), kThreads, 0, stream>>>(
           op, finish, L.C, L.S, L.numel(), uint32_t(items), uint32_t(per_split),
           at::cuda::detail::IntDivider<uint32_t>(uint32_t(slots)), reinterpret_cast<State*>(ws.data_ptr()), counters);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -399,6 +400,7 @@ void dispatch(const NormArgs& a, F&& f) {
 }  // namespace
 
 void batch_norm_stats(const NormArgs& a) {
+  check_32bit_sizes(a.layout);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.input.scalar_type(), "fastnorm_batch_norm_stats_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const StatsReduce<scalar_t, acc_t> op{{a.input.data_ptr<scalar_t>()}};

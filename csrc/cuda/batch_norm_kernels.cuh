@@ -247,8 +247,8 @@ __global__ void __launch_bounds__(kThreads)
 
 // Channels innermost, M rows of C: blockIdx.x is a tile of TX * VEC channels, blockIdx.y
 // one of `splits` parts of the rows (front to back, as above); thread (tx, ty) holds the
-// states of VEC channels over
-// rows ty, ty + TY, ... Partials go to ws[split * C + c]; a tile's last block merges them.
+// states of VEC channels over rows ty, ty + TY, ... Partials go to ws[split * C + c]; a
+// tile's last block merges them.
 template <int VEC, typename scalar_t, typename Op, typename Finish>
 __global__ void __launch_bounds__(kThreads)
     reduce_rows_kernel(Op op, Finish finish, int64_t M, int64_t C, int64_t rows_per_split, typename Op::State* ws,

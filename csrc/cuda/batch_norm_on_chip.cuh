@@ -1,13 +1,13 @@
 // Batch-norm CUDA kernels that hold each channel's values on chip.
 //
-// For a planar (N, C, S) tensor (float32, float16, bfloat16) whose channel slab (N planes of S values) fits in shared
-// memory, one block per channel (blockIdx.x) reads the slab once into shared memory,
-// reduces it, and writes the result from the shared copy: the training forward reads x
-// once instead of twice, the training backward reads x and dy once instead of twice. Each
-// thread re-reads only the packs it stored itself, so the copy needs no barrier of its
-// own. The copy comes first, its loads unrolled so that many are in flight per thread
-// (the loads do not wait on the arithmetic), then the reduction from shared memory. The
-// per-value math and the merges are those of batch_norm_kernels.cuh.
+// For a planar (N, C, S) tensor (float32, float16, bfloat16) whose channel slab (N planes
+// of S values) fits in shared memory, one block per channel (blockIdx.x) reads the slab
+// once into shared memory, reduces it, and writes the result from the shared copy: the
+// training forward reads x once instead of twice, the training backward reads x and dy
+// once instead of twice. Each thread re-reads only the packs it stored itself, so the
+// copy needs no barrier of its own. The copy comes first, its loads unrolled so that many
+// are in flight per thread (they do not wait on the arithmetic), then the reduction from
+// shared memory. The per-value math and the merges are those of batch_norm_kernels.cuh.
 #pragma once
 
 #include <c10/macros/Macros.h>
