@@ -30,6 +30,22 @@ struct SlabWalk {
   }
 };
 
+// The block's total of the threads' states s, given to finish(c, total) by thread 0; returns
+// the coefficients finish wrote for channel c, in every thread.
+template <typename Op, typename Finish>
+__device__ __forceinline__ ChannelCoef<typename Finish::acc_t> finish_channel(typename Op::State s, int64_t c,
+                                                                              const Finish& finish,
+                                                                              typename Op::State* shared) {
+  __shared__ ChannelCoef<typename Finish::acc_t> coef;
+  s = block_reduce(s, Op::merge, Op::identity(), shared);
+  if (thread_rank() == 0) {
+    finish(c, s);
+    coef = finish.coef[c];
+  }
+  __syncthreads();
+  return coef;
+}
+
 // Training forward: statistics, running statistics and coefficients (finish), the output,
 // and num_batches_tracked incremented by the last block once every block has read it.
 // Dynamic shared memory: the slab, `packs` packs.
@@ -43,7 +59,6 @@ __global__ void __launch_bounds__(kThreads)
   extern __shared__ __align__(16) unsigned char smem_raw[];
   P* slab = reinterpret_cast<P*>(smem_raw);
   __shared__ Moments<acc_t> shared[kWarpSize];
-  __shared__ ChannelCoef<acc_t> channel_coef;
   const Op op{x};
   const int t = thread_rank();
   const int64_t c = blockIdx.x;
@@ -51,13 +66,7 @@ __global__ void __launch_bounds__(kThreads)
   for (uint32_t p = t; p < packs; p += kThreads) slab[p] = load_pack<VEC>(x + walk.offset(c, p));
   typename Op::State s = Op::identity();
   for (uint32_t p = t; p < packs; p += kThreads) op.template add<VEC>(s, slab[p], 0, VEC, ChannelCoef<acc_t>{});
-  s = block_reduce(s, Op::merge, Op::identity(), shared);
-  if (t == 0) {
-    finish(c, s);
-    channel_coef = finish.coef[c];
-  }
-  __syncthreads();
-  const ChannelCoef<acc_t> k = channel_coef;
+  const ChannelCoef<acc_t> k = finish_channel<Op>(s, c, finish, shared);
 #pragma unroll 4
   for (uint32_t p = t; p < packs; p += kThreads) {  // (unrolled: the residual's loads in flight together)
     const int64_t off = walk.offset(c, p);
@@ -88,7 +97,6 @@ __global__ void __launch_bounds__(kThreads)
   P* dy_slab = x_slab + packs;
   P* v_slab = dy_slab + packs;  // used when op.v
   __shared__ Sums<acc_t> shared[kWarpSize];
-  __shared__ ChannelCoef<acc_t> channel_coef;
   const int t = thread_rank();
   const int64_t c = blockIdx.x;
   const ChannelCoef<acc_t> kf = op.channel(c);
@@ -109,13 +117,7 @@ __global__ void __launch_bounds__(kThreads)
       op.accumulate(s, acc_t(dys.v[e]), acc_t(xs.v[e]), op.v ? acc_t(vs.v[e]) : acc_t(0), kf);
     }
   }
-  s = block_reduce(s, Op::merge, Op::identity(), shared);
-  if (t == 0) {
-    finish(c, s);
-    channel_coef = finish.coef[c];
-  }
-  __syncthreads();
-  const ChannelCoef<acc_t> k = channel_coef;
+  const ChannelCoef<acc_t> k = finish_channel<Op>(s, c, finish, shared);
   for (uint32_t p = t; p < packs; p += kThreads) {
     const int64_t off = walk.offset(c, p);
     const P xs = x_slab[p], dys = dy_slab[p];
