@@ -93,7 +93,11 @@ std::tuple<Tensor, Tensor> weight_norm(const Tensor& v, const Tensor& g, int64_t
   a.eps = eps;
   a.w = at::empty_like(a.v);
   a.norm = at::empty({a.D}, v.options().dtype(acc_dtype(v)));
-  if (v.numel() > 0) FASTNORM_RUN_WN_KERNEL(v.is_cuda(), weight_norm_forward, a);
+  if (v.numel() > 0) {
+    FASTNORM_RUN_WN_KERNEL(v.is_cuda(), weight_norm_forward, a);
+  } else {
+    a.norm.fill_(std::sqrt(eps));  // slices of no values (as weight_norm_norms)
+  }
   return {a.w, a.norm};
 }
 

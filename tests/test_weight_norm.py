@@ -111,6 +111,23 @@ def test_zero_norm_slices():
     torch.testing.assert_close(w, expected)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("eps", [0.0, 1e-4])
+def test_slices_of_no_values(device, eps):
+    """A (4, 0) weight: empty w, and norms of empty slices (sqrt(eps), 0 as torch) from the
+    forward as from the norms op; the backward gives zero grad_g."""
+    v = torch.empty(4, 0, device=device)
+    g = torch.rand(4, 1, device=device).requires_grad_()
+    w, n = torch.ops.fastnorm.weight_norm(v, g, 0, eps)
+    assert w.shape == (4, 0)
+    torch.testing.assert_close(n, torch.full((4,), eps ** 0.5, device=device))
+    torch.testing.assert_close(torch.ops.fastnorm.weight_norm_norms(v, 0, eps), n)
+    if eps == 0.0:
+        torch.testing.assert_close(n, torch._weight_norm_interface(v, g.detach(), 0)[1].reshape(4))
+    fastnorm.functional.weight_norm(v, g, 0, eps=eps).sum().backward()
+    torch.testing.assert_close(g.grad, torch.zeros_like(g))
+
+
 def test_bad_input():
     v = torch.randn(4, 6)
     with pytest.raises(RuntimeError, match=r"g of shape \[3, 1\].*does not fit v of shape \[4, 6\].*with dim=0"):
