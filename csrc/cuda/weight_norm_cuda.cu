@@ -52,9 +52,20 @@ struct Pointers {
 template <Mode M, typename scalar_t, typename acc_t>
 struct SliceMath {
   using red_t = std::conditional_t<M == Mode::Backward, double, acc_t>;
+  // The VEC values from i on (i a multiple of VEC: one aligned access per tensor).
+  template <int VEC>
   static __device__ __forceinline__ red_t contribution(const Pointers<scalar_t, acc_t>& p, int64_t i) {
-    const red_t x = red_t(p.v[i]);
-    return M == Mode::Backward ? red_t(p.grad_w[i]) * x : x * x;
+    const auto xs = load_pack<VEC>(p.v + i);
+    red_t s = 0;
+    if constexpr (M == Mode::Backward) {
+      const auto gs = load_pack<VEC>(p.grad_w + i);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) s += red_t(gs.v[e]) * red_t(xs.v[e]);
+    } else {
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) s += red_t(xs.v[e]) * red_t(xs.v[e]);
+    }
+    return s;
   }
   // Per-slice coefficients from the total: the scale forward, wn_grad backward (in float64:
   // once per slice).
@@ -70,12 +81,23 @@ struct SliceMath {
       return {acc_t(0), M == Mode::Forward ? fn_div(p.g[d], n) : acc_t(0), acc_t(0), acc_t(0)};
     }
   }
+  // out = w or grad_v for the VEC values from i on. grad_v may be grad_w itself: each value
+  // is read before it is written, by the same thread.
+  template <int VEC>
   static __device__ __forceinline__ void write(const Pointers<scalar_t, acc_t>& p, int64_t i,
                                                const WeightNormGrad<acc_t>& k) {
-    if constexpr (M == Mode::Forward) {
-      p.out[i] = scalar_t(acc_t(p.v[i]) * k.a);
-    } else if constexpr (M == Mode::Backward) {
-      p.out[i] = scalar_t(wn_grad_v<acc_t>(k, acc_t(p.grad_w[i]), acc_t(p.v[i])));
+    if constexpr (M != Mode::Norms) {
+      const auto xs = load_pack<VEC>(p.v + i);
+      Pack<scalar_t, VEC> ys;
+      if constexpr (M == Mode::Forward) {
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) ys.v[e] = scalar_t(acc_t(xs.v[e]) * k.a);
+      } else {
+        const auto gs = load_pack<VEC>(p.grad_w + i);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) ys.v[e] = scalar_t(wn_grad_v<acc_t>(k, acc_t(gs.v[e]), acc_t(xs.v[e])));
+      }
+      store_pack<VEC>(p.out + i, ys);
     }
   }
 };
@@ -98,21 +120,13 @@ __global__ void __launch_bounds__(kThreads)
     return (int64_t(q.div) * D + d) * inner + int64_t(q.mod) * VEC;
   };
   red_t s = 0;
-  for (uint32_t t = threadIdx.x; t < packs; t += blockDim.x) {
-    const int64_t i = offset(t);
-#pragma unroll
-    for (int e = 0; e < VEC; ++e) s += Math::contribution(p, i + e);
-  }
+  for (uint32_t t = threadIdx.x; t < packs; t += blockDim.x) s += Math::template contribution<VEC>(p, offset(t));
   const Sum<red_t> total = block_reduce(Sum<red_t>{s}, add<red_t>, Sum<red_t>{red_t(0)}, shared);
   if (threadIdx.x == 0) coef = Math::finish(p, d, total.s);
   __syncthreads();
   if constexpr (M == Mode::Norms) return;
   const WeightNormGrad<acc_t> k = coef;
-  for (uint32_t t = threadIdx.x; t < packs; t += blockDim.x) {
-    const int64_t i = offset(t);
-#pragma unroll
-    for (int e = 0; e < VEC; ++e) Math::write(p, i + e, k);
-  }
+  for (uint32_t t = threadIdx.x; t < packs; t += blockDim.x) Math::template write<VEC>(p, offset(t), k);
 }
 
 // Last-dim slices: `outer` rows of D values, slice d the column d. A block takes a tile of
@@ -127,7 +141,7 @@ __global__ void __launch_bounds__(kThreads) column_kernel(Pointers<scalar_t, acc
   const int64_t d = int64_t(blockIdx.x) * TX + tx;
   red_t s = 0;
   if (d < D) {
-    for (int64_t r = ty; r < outer; r += TY) s += Math::contribution(p, r * D + d);
+    for (int64_t r = ty; r < outer; r += TY) s += Math::template contribution<1>(p, r * D + d);
   }
   partial[ty * TX + tx] = s;
   __syncthreads();
@@ -140,7 +154,7 @@ __global__ void __launch_bounds__(kThreads) column_kernel(Pointers<scalar_t, acc
   if constexpr (M == Mode::Norms) return;
   if (d >= D) return;
   const WeightNormGrad<acc_t> k = coef[tx];
-  for (int64_t r = ty; r < outer; r += TY) Math::write(p, r * D + d, k);
+  for (int64_t r = ty; r < outer; r += TY) Math::template write<1>(p, r * D + d, k);
 }
 
 bool aligned16(const at::Tensor& t) { return !t.defined() || reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
