@@ -164,10 +164,15 @@ def _rebuild(base, state, specs):
 # ---------------------------------------------------------------------------------------
 # Linear and Conv with dim=0: the output scaled by s = g / ||v||.
 #
-# y = op(x, v) * s + b. Backward: grad_x = op_input_grad(grad_y * s, v); with G the weight
-# gradient op_weight_grad(grad_y, x) (the gradient of w), grad_v and grad_g are exactly the
-# weight-norm backward of G, one fused pass. Used when the output is smaller than the
-# weight (else materializing w is cheaper); a graph of the backward goes through ATen ops.
+# y = u * s + b with u = op(x, v). Backward: grad_x = op_input_grad(grad_y * s, v); with G
+# the weight gradient op_weight_grad(grad_y, x) (the gradient of w), grad_v and grad_g are
+# the weight-norm backward of G:
+#   grad_g = d / n,  grad_v = s * G - (s * d / n^2) * v,  d = sum(G * v) per output channel.
+# Conv: G, then one fused in-place pass over it. Linear: d = sum over the batch of
+# grad_y * u (no pass over G), and grad_v is one GEMM accumulating (grad_y * s)^T x onto
+# the prefilled -(s d / n^2) v: the correction rides on the GEMM's own read of C, where a
+# separate pass would read G and v and write G again. Used when the output is smaller than
+# the weight (else materializing w is cheaper); a graph of the backward goes through ATen ops.
 
 def _scaled(module, x):
     """Whether to scale the output: its size against the weight's."""
@@ -191,16 +196,17 @@ class _ScaledOutput(torch.autograd.Function):
     def forward(ctx, x, v, g, bias, eps, spec):
         n = ops.weight_norm_norms(v, 0, eps)
         s = (g.reshape(-1).to(n.dtype) / n).to(x.dtype)
-        y = _op(spec, x, v)
-        shape = _channel_shape(spec, y)
-        y = torch.addcmul(bias.view(shape).to(y.dtype), y, s.view(shape)) if bias is not None else y * s.view(shape)
+        u = _op(spec, x, v)
+        shape = _channel_shape(spec, u)
+        y = torch.addcmul(bias.view(shape).to(u.dtype), u, s.view(shape)) if bias is not None else u * s.view(shape)
         ctx.spec, ctx.eps = spec, eps
-        ctx.save_for_backward(x, v, g, n, bias)
+        keep_u = spec is None and (ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
+        ctx.save_for_backward(x, v, g, n, bias, u if keep_u else None)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, v, g, n, bias = ctx.saved_tensors
+        x, v, g, n, bias, u = ctx.saved_tensors
         spec, eps = ctx.spec, ctx.eps
         need_x, need_v, need_g, need_b = ctx.needs_input_grad[:4]
         if torch.is_grad_enabled():  # double backward: differentiate the composition
@@ -209,12 +215,16 @@ class _ScaledOutput(torch.autograd.Function):
                 y = _op(spec, x, weight_norm_fn(v, g, 0, eps=eps), bias)
                 grads = iter(torch.autograd.grad(y, inputs, grad_y, create_graph=True))
             return (*(next(grads) if need else None for need in (need_x, need_v, need_g, need_b)), None, None)
-        s = (g.reshape(-1).to(n.dtype) / n).to(grad_y.dtype)
+        s = g.reshape(-1).to(n.dtype) / n
         grad_x = grad_v = grad_g = grad_b = None
+        if need_x or (need_v and spec is None):  # grad_y * s, rounded once
+            grad_ys = (grad_y * s.view(_channel_shape(spec, grad_y))).to(grad_y.dtype)
         if need_x:
-            grad_x = _input_grad(spec, grad_y * s.view(_channel_shape(spec, grad_y)), x, v)
-        if need_v or need_g:
-            grad_v = _weight_grad(spec, grad_y, x, v)  # the gradient of w, a fresh tensor:
+            grad_x = _input_grad(spec, grad_ys, x, v)
+        if spec is None and (need_v or need_g):
+            grad_v, grad_g = _linear_weight_norm_grads(grad_y, grad_ys if need_v else None, x, u, v, g, n, s)
+        elif need_v or need_g:
+            grad_v = _conv_weight_grad(spec, grad_y, x, v)  # the gradient of w, a fresh tensor:
             grad_g = ops.weight_norm_backward_(grad_v, v, g, n, 0)  # becomes grad_v in place
         if need_b and bias is not None:
             grad_b = grad_y.sum(dim=_sum_dims(spec, grad_y)).to(bias.dtype)
@@ -244,9 +254,20 @@ def _input_grad(spec, grad_y, x, v):
     return _conv_backward(spec, grad_y, x, v, (True, False, False))[0]
 
 
-def _weight_grad(spec, grad_y, x, v):
-    if spec is None:
-        return grad_y.reshape(-1, grad_y.shape[-1]).t().matmul(x.reshape(-1, x.shape[-1])).to(v.dtype)
+def _linear_weight_norm_grads(grad_y, grad_ys, x, u, v, g, n, s):
+    """grad_v (None when grad_ys is None) and grad_g of a weight-normed Linear layer."""
+    channels = grad_y.shape[-1]
+    d = (grad_y.reshape(-1, channels).to(n.dtype) * u.reshape(-1, channels).to(n.dtype)).sum(0)
+    grad_g = (d / n).reshape(g.shape).to(g.dtype)
+    if grad_ys is None:
+        return None, grad_g
+    grad_v = torch.empty_like(v, memory_format=torch.contiguous_format)
+    torch.mul(v, (-s * d / n.square()).unsqueeze(1), out=grad_v)
+    grad_v.addmm_(grad_ys.reshape(-1, channels).t().to(v.dtype), x.reshape(-1, x.shape[-1]).to(v.dtype))
+    return grad_v, grad_g
+
+
+def _conv_weight_grad(spec, grad_y, x, v):
     return _conv_backward(spec, grad_y, x, v, (False, True, False))[1]
 
 

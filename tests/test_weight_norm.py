@@ -204,6 +204,81 @@ def test_module_matches_torch_weight_norm(name, make, make_input, dim):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5, msg=k)
 
 
+SCALED_LAYERS = [  # layers that scale their output by g / ||v|| (output smaller than the weight)
+    ("linear", lambda dt: nn.Linear(40, 24, dtype=dt), (6, 40)),
+    ("linear 3-d input", lambda dt: nn.Linear(40, 24, dtype=dt), (2, 3, 40)),
+    ("linear no bias", lambda dt: nn.Linear(40, 24, bias=False, dtype=dt), (5, 40)),
+    ("conv2d", lambda dt: nn.Conv2d(8, 12, 3, padding=1, dtype=dt), (2, 8, 3, 3)),
+]
+
+
+def composite_layer(layer, x, v, g, bias):
+    """The layer's op on w = g * v / ||v|| (dim 0) composed from torch ops."""
+    w = torch._weight_norm(v, g, 0)
+    if isinstance(layer, nn.Linear):
+        return torch.nn.functional.linear(x, w, bias)
+    return torch.nn.functional.conv2d(x, w, bias, layer.stride, layer.padding)
+
+
+SCALED_NEEDS = [(layer, need) for layer in SCALED_LAYERS for need in ("all", "x", "v", "g", "v g", "bias")
+                if need != "bias" or "no bias" not in layer[0]]
+
+
+@pytest.mark.parametrize("layer_case,need", SCALED_NEEDS, ids=[f"{c[0]}-{n}" for c, n in SCALED_NEEDS])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+def test_scaled_output_layers_against_float64(layer_case, need, dtype):
+    """The scaled-output path (no w materialized), for every subset of needed gradients."""
+    name, make, x_shape = layer_case
+    layer = fastnorm.weight_norm(make(torch.float64))
+    p = layer.parametrizations.weight
+    with torch.no_grad():  # g away from ||v|| so that the scale matters
+        p.original0.mul_(torch.rand_like(p.original0) + 0.5)
+    if dtype != torch.float64:
+        layer.to(dtype)
+    x = torch.randn(x_shape, dtype=torch.float64).to(dtype)
+    tensors = {"x": x, "v": p.original1, "g": p.original0, "bias": layer.bias}
+    wanted = list(tensors) if need == "all" else need.split()
+    for key, t in tensors.items():
+        if t is not None:
+            t.requires_grad_(key in wanted)
+    wanted = [k for k in wanted if tensors[k] is not None]
+    with torch.profiler.profile() as prof:
+        y = layer(x)
+    ops_run = {e.name for e in prof.events()}
+    assert "fastnorm::weight_norm_norms" in ops_run and "fastnorm::weight_norm" not in ops_run
+    gy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [tensors[k] for k in wanted], gy)
+
+    def results(up):
+        ts = {k: (t.detach().to(up).requires_grad_() if t is not None else None) for k, t in tensors.items()}
+        out = composite_layer(layer, ts["x"], ts["v"], ts["g"], ts["bias"])
+        return out, torch.autograd.grad(out, [ts[k] for k in wanted], gy.to(up))
+
+    ref_y, ref_grads = results(torch.float64)
+    torch_y, torch_grads = results(dtype)
+    assert_close_to_reference(y, ref_y, dtype, torch_y, what="output", per_tensor=True)
+    for k, ours, ref, theirs in zip(wanted, grads, ref_grads, torch_grads):
+        assert ours.dtype == tensors[k].dtype, k
+        assert_close_to_reference(ours, ref, dtype, theirs, what=f"grad {k}", per_tensor=True)
+
+
+@pytest.mark.parametrize("name,make,x_shape", SCALED_LAYERS, ids=[c[0] for c in SCALED_LAYERS])
+def test_scaled_output_layers_gradcheck(name, make, x_shape):
+    layer = fastnorm.weight_norm(make(torch.float64))
+    p = layer.parametrizations.weight
+    params = [p.original1, p.original0] + ([layer.bias] if layer.bias is not None else [])
+    x = torch.randn(x_shape, dtype=torch.float64, requires_grad=True)
+
+    def fn(x, v, g, *bias):
+        return torch.func.functional_call(layer, {"parametrizations.weight.original1": v,
+                                                  "parametrizations.weight.original0": g,
+                                                  **({"bias": bias[0]} if bias else {})}, (x,))
+
+    inputs = (x, *(t.detach().clone().requires_grad_() for t in params))
+    assert torch.autograd.gradcheck(fn, inputs)
+    assert torch.autograd.gradgradcheck(fn, inputs)
+
+
 def test_checkpoints_move_both_ways_and_legacy_keys_load():
     torch_wn = torch.nn.utils.parametrizations.weight_norm(nn.Conv2d(3, 4, 3))
     ours = fastnorm.weight_norm(nn.Conv2d(3, 4, 3))
