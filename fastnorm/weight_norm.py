@@ -7,8 +7,8 @@ keys ``parametrizations.weight.original0`` (g) and ``original1`` (v), ``module.w
 ``parametrize.is_parametrized`` and ``remove_parametrizations`` work as with torch's. On top:
 
 - Linear and Conv layers with ``dim=0`` scale their output by ``g / ||v||`` instead of
-  materializing ``w`` when the output is smaller than the weight (Salimans & Kingma's
-  formulation; same values and gradients);
+  materializing ``w`` when the weight is large and the input has few positions against its
+  fan-in (Salimans & Kingma's formulation; same values and gradients);
 - old ``weight_g`` / ``weight_v`` checkpoints load;
 - the module can be pickled (``torch.save(module)``) as well as deep-copied.
 """
@@ -164,24 +164,41 @@ def _rebuild(base, state, specs):
 # ---------------------------------------------------------------------------------------
 # Linear and Conv with dim=0: the output scaled by s = g / ||v||.
 #
-# y = u * s + b with u = op(x, v). Backward: grad_x = op_input_grad(grad_y * s, v); with G
-# the weight gradient op_weight_grad(grad_y, x) (the gradient of w), grad_v and grad_g are
-# the weight-norm backward of G:
-#   grad_g = d / n,  grad_v = s * G - (s * d / n^2) * v,  d = sum(G * v) per output channel.
-# Conv: G, then one fused in-place pass over it. Linear: d = sum over the batch of
-# grad_y * u (no pass over G), and grad_v is one GEMM accumulating (grad_y * s)^T x onto
-# the prefilled -(s d / n^2) v: the correction rides on the GEMM's own read of C, where a
-# separate pass would read G and v and write G again. Used when the output is smaller than
-# the weight (else materializing w is cheaper); a graph of the backward goes through ATen ops.
+# y = u * s + b with u = op(x, v). With G the gradient of w (op_weight_grad(grad_y, x)) and
+# d = sum(G * v) per output channel, which is also sum(grad_y * u) over everything but the
+# channel (no pass over G), the weight-norm backward is
+#   grad_g = d / n,  grad_v = s * G - (s * d / n^2) * v.
+# s * G is op_weight_grad(grad_y * s, x) (row i of G only sees output channel i), so the
+# op's backward runs once, on grad_y * s, for grad_x and grad_v alike. Linear: one GEMM
+# accumulates (grad_y * s)^T x onto the prefilled -(s d / n^2) v (the correction rides on
+# the GEMM's own read of C); Conv: the correction is added in place to the weight gradient.
+# A graph of the backward (double backward) goes through ATen ops.
+
+# When to scale the output. It saves passes over the weight (w is neither written nor read
+# back) and costs passes over the output and about ten more small ops per step; measured
+# fwd+bwd on a 2-core CPU (bench/), it pays for weights of at least 2^18 values whose
+# positions per output channel (the rows of a Linear's input, batch x output size for a
+# Conv) are few against the fan-in: at least 16x fewer for Linear, 256x for Conv (a Conv
+# weight of 4608 fan-in won at 8 positions, lost at 32). Elsewhere w is materialized.
+_SCALED_MIN_WEIGHT = 1 << 18
+_SCALED_FAN_IN_PER_POSITION = {"linear": 16, "conv": 256}
+
 
 def _scaled(module, x):
-    """Whether to scale the output: its size against the weight's."""
+    """Whether to scale the output instead of materializing w (see above)."""
     v = module.parametrizations.weight.original1
+    if v.numel() < _SCALED_MIN_WEIGHT or x.numel() == 0:
+        return False
+    fan_in = v.numel() // v.shape[0]
     if isinstance(module, nn.Linear):
-        channels_in = x.shape[-1] if x.dim() > 0 else 0
+        positions, kind = x.numel() // x.shape[-1], "linear"
     else:
-        channels_in = x.shape[1] if x.dim() == v.dim() else 0  # batched input only
-    return channels_in > 0 and x.numel() // channels_in * v.shape[0] < v.numel()
+        if x.dim() != v.dim():  # batched input only
+            return False
+        positions, kind = x.shape[0], "conv"
+        for size, k, s, p, d in zip(x.shape[2:], v.shape[2:], module.stride, module.padding, module.dilation):
+            positions *= max(0, (size + 2 * p - d * (k - 1) - 1) // s + 1)
+    return positions * _SCALED_FAN_IN_PER_POSITION[kind] <= fan_in
 
 
 def _spec(module):
@@ -200,7 +217,7 @@ class _ScaledOutput(torch.autograd.Function):
         shape = _channel_shape(spec, u)
         y = torch.addcmul(bias.view(shape).to(u.dtype), u, s.view(shape)) if bias is not None else u * s.view(shape)
         ctx.spec, ctx.eps = spec, eps
-        keep_u = spec is None and (ctx.needs_input_grad[1] or ctx.needs_input_grad[2])
+        keep_u = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
         ctx.save_for_backward(x, v, g, n, bias, u if keep_u else None)
         return y
 
@@ -216,16 +233,26 @@ class _ScaledOutput(torch.autograd.Function):
                 grads = iter(torch.autograd.grad(y, inputs, grad_y, create_graph=True))
             return (*(next(grads) if need else None for need in (need_x, need_v, need_g, need_b)), None, None)
         s = g.reshape(-1).to(n.dtype) / n
+        shape = _channel_shape(spec, grad_y)
         grad_x = grad_v = grad_g = grad_b = None
-        if need_x or (need_v and spec is None):  # grad_y * s, rounded once
-            grad_ys = (grad_y * s.view(_channel_shape(spec, grad_y))).to(grad_y.dtype)
-        if need_x:
-            grad_x = _input_grad(spec, grad_ys, x, v)
-        if spec is None and (need_v or need_g):
-            grad_v, grad_g = _linear_weight_norm_grads(grad_y, grad_ys if need_v else None, x, u, v, g, n, s)
-        elif need_v or need_g:
-            grad_v = _conv_weight_grad(spec, grad_y, x, v)  # the gradient of w, a fresh tensor:
-            grad_g = ops.weight_norm_backward_(grad_v, v, g, n, 0)  # becomes grad_v in place
+        if need_x or need_v:  # grad_y * s, rounded once
+            grad_ys = (grad_y * s.view(shape)).to(grad_y.dtype)
+        if need_v or need_g:
+            d = (grad_y.to(n.dtype) * u.to(n.dtype)).sum(dim=_sum_dims(spec, grad_y))
+            grad_g = (d / n).reshape(g.shape).to(g.dtype)
+            c = -s * d / n.square()  # grad_v = s * G + c * v
+        if spec is None:
+            if need_x:
+                grad_x = grad_ys.matmul(v.to(grad_ys.dtype))
+            if need_v:
+                grad_v = torch.empty_like(v, memory_format=torch.contiguous_format)
+                torch.mul(v, c.unsqueeze(1), out=grad_v)
+                channels = grad_y.shape[-1]
+                grad_v.addmm_(grad_ys.reshape(-1, channels).t().to(v.dtype), x.reshape(-1, x.shape[-1]).to(v.dtype))
+        elif need_x or need_v:
+            grad_x, grad_v = _conv_backward(spec, grad_ys, x, v, (need_x, need_v, False))[:2]
+            if need_v:
+                grad_v = grad_v.to(v.dtype).addcmul_(v, c.view([-1] + [1] * (v.dim() - 1)).to(v.dtype))
         if need_b and bias is not None:
             grad_b = grad_y.sum(dim=_sum_dims(spec, grad_y)).to(bias.dtype)
         return grad_x, grad_v, grad_g, grad_b, None, None
@@ -246,29 +273,6 @@ def _op(spec, x, weight, bias=None):
     stride, padding, dilation, groups = spec
     conv = (F.conv1d, F.conv2d, F.conv3d)[weight.dim() - 3]
     return conv(x, weight, bias, stride, padding, dilation, groups)
-
-
-def _input_grad(spec, grad_y, x, v):
-    if spec is None:
-        return grad_y.matmul(v.to(grad_y.dtype))
-    return _conv_backward(spec, grad_y, x, v, (True, False, False))[0]
-
-
-def _linear_weight_norm_grads(grad_y, grad_ys, x, u, v, g, n, s):
-    """grad_v (None when grad_ys is None) and grad_g of a weight-normed Linear layer."""
-    channels = grad_y.shape[-1]
-    d = (grad_y.reshape(-1, channels).to(n.dtype) * u.reshape(-1, channels).to(n.dtype)).sum(0)
-    grad_g = (d / n).reshape(g.shape).to(g.dtype)
-    if grad_ys is None:
-        return None, grad_g
-    grad_v = torch.empty_like(v, memory_format=torch.contiguous_format)
-    torch.mul(v, (-s * d / n.square()).unsqueeze(1), out=grad_v)
-    grad_v.addmm_(grad_ys.reshape(-1, channels).t().to(v.dtype), x.reshape(-1, x.shape[-1]).to(v.dtype))
-    return grad_v, grad_g
-
-
-def _conv_weight_grad(spec, grad_y, x, v):
-    return _conv_backward(spec, grad_y, x, v, (False, True, False))[1]
 
 
 def _conv_backward(spec, grad_y, x, v, mask):

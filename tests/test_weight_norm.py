@@ -1,6 +1,7 @@
 """Weight norm against torch: the functional op for every dim, dtype and layout, its
 gradients, and the module parametrization as a drop-in for torch's."""
 import copy
+import importlib
 import io
 import pickle
 
@@ -204,7 +205,42 @@ def test_module_matches_torch_weight_norm(name, make, make_input, dim):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-5, msg=k)
 
 
-SCALED_LAYERS = [  # layers that scale their output by g / ||v|| (output smaller than the weight)
+@pytest.fixture
+def scaled_everywhere(monkeypatch):
+    """Every Linear/Conv with dim=0 scales its output (the size rule off), so that small
+    layers test that path."""
+    module = importlib.import_module("fastnorm.weight_norm")
+    monkeypatch.setattr(module, "_SCALED_MIN_WEIGHT", 0)
+    monkeypatch.setattr(module, "_SCALED_FAN_IN_PER_POSITION", {"linear": 1, "conv": 1})
+
+
+def ops_run(fn):
+    with torch.profiler.profile() as prof:
+        out = fn()
+    return out, {e.name for e in prof.events()}
+
+
+@pytest.mark.parametrize("make,x_shape,scaled", [
+    (lambda: nn.Linear(1024, 1024), (8, 1024), True),
+    (lambda: nn.Linear(1024, 1024), (2, 4, 1024), True),
+    (lambda: nn.Linear(1024, 1024), (128, 1024), False),  # many rows against the fan-in
+    (lambda: nn.Linear(256, 256), (2, 256), False),  # a small weight
+    (lambda: nn.Conv2d(512, 64, 3, padding=1), (2, 512, 1, 1), True),
+    (lambda: nn.Conv2d(512, 64, 3, padding=1), (2, 512, 4, 4), False),
+], ids=["linear", "linear 3-d", "linear many rows", "linear small", "conv 1x1 map", "conv 4x4 map"])
+def test_scaled_output_selection(make, x_shape, scaled):
+    ours = make()
+    theirs = copy.deepcopy(ours)
+    fastnorm.weight_norm(ours)
+    torch.nn.utils.parametrizations.weight_norm(theirs)
+    x = torch.randn(x_shape)
+    y, names = ops_run(lambda: ours(x))
+    assert ("fastnorm::weight_norm" not in names) == scaled
+    assert "fastnorm::weight_norm_norms" in names or not scaled
+    torch.testing.assert_close(y, theirs(x), rtol=1e-5, atol=1e-5)
+
+
+SCALED_LAYERS = [  # layers that scale their output by g / ||v|| (with scaled_everywhere)
     ("linear", lambda dt: nn.Linear(40, 24, dtype=dt), (6, 40)),
     ("linear 3-d input", lambda dt: nn.Linear(40, 24, dtype=dt), (2, 3, 40)),
     ("linear no bias", lambda dt: nn.Linear(40, 24, bias=False, dtype=dt), (5, 40)),
@@ -226,7 +262,7 @@ SCALED_NEEDS = [(layer, need) for layer in SCALED_LAYERS for need in ("all", "x"
 
 @pytest.mark.parametrize("layer_case,need", SCALED_NEEDS, ids=[f"{c[0]}-{n}" for c, n in SCALED_NEEDS])
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
-def test_scaled_output_layers_against_float64(layer_case, need, dtype):
+def test_scaled_output_layers_against_float64(layer_case, need, dtype, scaled_everywhere):
     """The scaled-output path (no w materialized), for every subset of needed gradients."""
     name, make, x_shape = layer_case
     layer = fastnorm.weight_norm(make(torch.float64))
@@ -242,10 +278,8 @@ def test_scaled_output_layers_against_float64(layer_case, need, dtype):
         if t is not None:
             t.requires_grad_(key in wanted)
     wanted = [k for k in wanted if tensors[k] is not None]
-    with torch.profiler.profile() as prof:
-        y = layer(x)
-    ops_run = {e.name for e in prof.events()}
-    assert "fastnorm::weight_norm_norms" in ops_run and "fastnorm::weight_norm" not in ops_run
+    y, names = ops_run(lambda: layer(x))
+    assert "fastnorm::weight_norm_norms" in names and "fastnorm::weight_norm" not in names
     gy = torch.randn_like(y)
     grads = torch.autograd.grad(y, [tensors[k] for k in wanted], gy)
 
@@ -263,7 +297,7 @@ def test_scaled_output_layers_against_float64(layer_case, need, dtype):
 
 
 @pytest.mark.parametrize("name,make,x_shape", SCALED_LAYERS, ids=[c[0] for c in SCALED_LAYERS])
-def test_scaled_output_layers_gradcheck(name, make, x_shape):
+def test_scaled_output_layers_gradcheck(name, make, x_shape, scaled_everywhere):
     layer = fastnorm.weight_norm(make(torch.float64))
     p = layer.parametrizations.weight
     params = [p.original1, p.original0] + ([layer.bias] if layer.bias is not None else [])
