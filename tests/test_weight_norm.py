@@ -146,6 +146,29 @@ def test_bad_input():
         fastnorm.functional.weight_norm(v, torch.ones(4, 1), 2)
     with pytest.raises(RuntimeError, match="expected g of dtype torch.float32"):
         fastnorm.functional.weight_norm(v, torch.ones(4, 1, dtype=torch.float64), 0)
+    import torch.autograd.forward_ad as fwAD
+    with fwAD.dual_level(), pytest.raises(RuntimeError, match="forward-mode"):
+        fastnorm.functional.weight_norm(fwAD.make_dual(v, torch.randn_like(v)), torch.ones(4, 1), 0)
+
+
+def test_graph_node_semantics():
+    """The backward node frees what it saved, and refuses v changed in place after the forward."""
+    v = torch.randn(5, 3, requires_grad=True)
+    g = torch.rand(5, 1, requires_grad=True)
+    w = fastnorm.functional.weight_norm(v, g, 0)
+    assert "WeightNorm" in w.grad_fn.name()
+    w.sum().backward()
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        w.sum().backward()
+    w = fastnorm.functional.weight_norm(v, g, 0)
+    with torch.no_grad():
+        v.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        w.sum().backward()
+    only_g = fastnorm.functional.weight_norm(v.detach(), g, 0)  # one input needs a gradient
+    (grad_g,) = torch.autograd.grad(only_g.sum(), [g])
+    expected = torch.autograd.grad(torch._weight_norm(v.detach(), g, 0).sum(), [g])[0]
+    torch.testing.assert_close(grad_g, expected)
 
 
 @pytest.mark.parametrize("device", DEVICES)

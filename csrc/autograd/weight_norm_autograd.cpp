@@ -1,11 +1,23 @@
 // Autograd for weight norm in C++: first-order gradients from the fused backward kernel;
 // a graph of the backward (double backward) from differentiable ATen ops. weight_norm_norms
 // gets its gradient too (grad_v = grad_norm * v / norm), for compositions built on it.
+//
+// weight_norm's graph node is a plain autograd Node, as torch's generated ones are, rather
+// than a custom Function's CppNode (no context object, saved-data map or per-call output
+// wrapping): the op is called once per weight per step, often on small weights, where that
+// bookkeeping costs as much as the kernels.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
 
+#include <memory>
+#include <mutex>
+#include <string>
+#include <type_traits>
 #include <vector>
 
 namespace fastnorm {
@@ -47,38 +59,53 @@ std::vector<Tensor> composite_backward(const Tensor& grad_w, const Tensor& v, co
   return {grad_v.to(v.scalar_type()), grad_g.to(g.scalar_type())};
 }
 
-class WeightNorm : public torch::autograd::Function<WeightNorm> {
- public:
-  static variable_list forward(AutogradContext* ctx, const Tensor& v, const Tensor& g, int64_t dim, double eps) {
-    static const auto fwd = op<WeightNormFn>("fastnorm::weight_norm");
-    Tensor w, norm;
-    {
-      at::AutoDispatchBelowADInplaceOrView guard;
-      std::tie(w, norm) = fwd.call(v, g, dim, eps);
-    }
-    ctx->save_for_backward({v, g, norm});
-    ctx->saved_data["dim"] = dim;
-    ctx->saved_data["eps"] = eps;
-    ctx->mark_non_differentiable({norm});
-    ctx->set_materialize_grads(false);  // norm's gradient is never used: no zeros made for it
-    return {w, norm};
+// A graph edge's pointer: std::shared_ptr<Node> in older torch, c10::intrusive_ptr<Node> in
+// newer; each branch compiles only against the torch that has it.
+using NodePtr = decltype(torch::autograd::Edge::function);
+
+template <typename N>
+NodePtr make_node() {
+  if constexpr (std::is_same_v<NodePtr, std::shared_ptr<torch::autograd::Node>>) {
+    return std::shared_ptr<N>(new N(), [](N* node) { deleteNode(node); });  // torch's deleter (found by ADL)
+  } else {
+    return c10::make_intrusive<N>();
+  }
+}
+
+// The gradient of w = g * v / norm with respect to v and g.
+struct WeightNormBackward : public torch::autograd::Node {
+  torch::autograd::SavedVariable v, g, norm;
+  int64_t dim = 0;
+  double eps = 0;
+
+  std::string name() const override { return "fastnorm::WeightNormBackward"; }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    v.reset_data();
+    g.reset_data();
+    norm.reset_data();
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    const auto saved = ctx->get_saved_variables();
-    const Tensor &v = saved[0], &g = saved[1], &norm = saved[2];
-    const int64_t dim = ctx->saved_data["dim"].toInt();
-    const double eps = ctx->saved_data["eps"].toDouble();
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    variable_list out(2);
     const Tensor& grad_w = grads[0];
-    if (!grad_w.defined()) return {Tensor(), Tensor(), Tensor(), Tensor()};
+    const bool need_v = should_compute_output(0), need_g = should_compute_output(1);
+    if (!grad_w.defined() || !(need_v || need_g)) return out;
+    const Tensor v_ = v.unpack(), g_ = g.unpack();
     if (at::GradMode::is_enabled()) {  // a graph of the backward: double backward
-      auto grads_vg = composite_backward(grad_w, v, g, dim, eps);
-      return {grads_vg[0], grads_vg[1], Tensor(), Tensor()};
+      auto grads_vg = composite_backward(grad_w, v_, g_, dim, eps);
+      out[0] = std::move(grads_vg[0]);
+      out[1] = std::move(grads_vg[1]);
+    } else {
+      static const auto bwd = op<BackwardFn>("fastnorm::weight_norm_backward");
+      at::AutoDispatchBelowADInplaceOrView guard;  // straight to the kernel
+      std::tie(out[0], out[1]) = bwd.call(grad_w, v_, g_, norm.unpack(), dim);
     }
-    static const auto bwd = op<BackwardFn>("fastnorm::weight_norm_backward");
-    at::AutoDispatchBelowADInplaceOrView guard;  // straight to the kernel: no autograd fallback per call
-    auto [grad_v, grad_g] = bwd.call(grad_w, v, g, norm, dim);
-    return {grad_v, grad_g, Tensor(), Tensor()};
+    if (!need_v) out[0] = Tensor();
+    if (!need_g) out[1] = Tensor();
+    return out;
   }
 };
 
@@ -112,9 +139,29 @@ class WeightNormNorms : public torch::autograd::Function<WeightNormNorms> {
   }
 };
 
+// The Autograd kernel of weight_norm: the kernels below autograd, then (when v or g needs
+// a gradient) w's history. norm is returned without one: it is not differentiable.
 std::tuple<Tensor, Tensor> weight_norm_autograd(const Tensor& v, const Tensor& g, int64_t dim, double eps) {
-  auto r = WeightNorm::apply(v, g, dim, eps);
-  return {r[0], r[1]};
+  TORCH_CHECK(!v._fw_grad(/*level=*/0).defined() && !g._fw_grad(/*level=*/0).defined(),
+              "fastnorm.weight_norm: forward-mode automatic differentiation is not supported");
+  static const auto fwd = op<WeightNormFn>("fastnorm::weight_norm");
+  Tensor w, norm;
+  {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    std::tie(w, norm) = fwd.call(v, g, dim, eps);
+  }
+  if (torch::autograd::compute_requires_grad(v, g)) {
+    NodePtr node = make_node<WeightNormBackward>();
+    auto& backward = static_cast<WeightNormBackward&>(*node);
+    backward.set_next_edges(torch::autograd::collect_next_edges(v, g));
+    backward.v = torch::autograd::SavedVariable(v, /*is_output=*/false);
+    backward.g = torch::autograd::SavedVariable(g, /*is_output=*/false);
+    backward.norm = torch::autograd::SavedVariable(norm, /*is_output=*/false);
+    backward.dim = dim;
+    backward.eps = eps;
+    torch::autograd::set_history(w, node);
+  }
+  return {w, norm};
 }
 
 Tensor weight_norm_norms_autograd(const Tensor& v, int64_t dim, double eps) {
