@@ -93,6 +93,17 @@ def keep_freed_memory():
         return False
 
 
+def trim_heap():
+    """Returns freed memory to the system between cases (glibc), so that no case starts on a
+    heap shaped by the previous one; a case's own warm-up then maps what it uses."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def median_ms(fns, min_run_time, rounds=5):
     """Median milliseconds of each named callable. They are measured in interleaved rounds
     (the order rotating each round) and the medians of the rounds kept, so that a drift in
@@ -328,6 +339,7 @@ def main(argv):
             cases = []
         print(f"# {device}: {machines[device]}, {len(cases)} batch-norm cases", flush=True)
         for case in cases:
+            trim_heap()
             r = run_case(case, device, min_run_time, compile_torch)
             results.append(r)
             print(f"  {case.name:24s} {r.dtype:8s} {r.layout:13s} "
@@ -335,6 +347,7 @@ def main(argv):
         if args.suite != "batch_norm":
             for case in wn_suite(args.quick):
                 if args.filter in case[0]:
+                    trim_heap()
                     r = run_wn_case(case, device, min_run_time)
                     wn_results.append(r)
                     print(f"  {r.name:34s} {r.dtype:8s} " + "  ".join(f"{k} {v:.3f}ms" for k, v in r.ms.items()),

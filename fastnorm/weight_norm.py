@@ -167,11 +167,12 @@ def _rebuild(base, state, specs):
 # y = u * s + b with u = op(x, v). With G the gradient of w (op_weight_grad(grad_y, x)) and
 # d = sum(G * v) per output channel, which is also sum(grad_y * u) over everything but the
 # channel (no pass over G), the weight-norm backward is
-#   grad_g = d / n,  grad_v = s * G - (s * d / n^2) * v.
+#   grad_g = d / n,  grad_v = s * G + (c / n) * v,  c = -s * d / n.
 # s * G is op_weight_grad(grad_y * s, x) (row i of G only sees output channel i), so the
 # op's backward runs once, on grad_y * s, for grad_x and grad_v alike. Linear: one GEMM
-# accumulates (grad_y * s)^T x onto the prefilled -(s d / n^2) v (the correction rides on
-# the GEMM's own read of C); Conv: the correction is added in place to the weight gradient.
+# accumulates (grad_y * s)^T x onto (c / n) * v, written by the weight-norm forward with
+# magnitudes c (the correction rides on the GEMM's own read of C); Conv: the correction is
+# added in place to the weight gradient.
 # A graph of the backward (double backward) goes through ATen ops.
 
 # When to scale the output. It saves passes over the weight (w is neither written nor read
@@ -240,19 +241,18 @@ class _ScaledOutput(torch.autograd.Function):
         if need_v or need_g:
             d = (grad_y.to(n.dtype) * u.to(n.dtype)).sum(dim=_sum_dims(spec, grad_y))
             grad_g = (d / n).reshape(g.shape).to(g.dtype)
-            c = -s * d / n.square()  # grad_v = s * G + c * v
+            c = -s * d / n  # grad_v = s * G + (c / n) * v
         if spec is None:
             if need_x:
                 grad_x = grad_ys.matmul(v.to(grad_ys.dtype))
-            if need_v:
-                grad_v = torch.empty_like(v, memory_format=torch.contiguous_format)
-                torch.mul(v, c.unsqueeze(1), out=grad_v)
+            if need_v:  # (c / n) * v is the weight norm of v with magnitudes c: one fused pass
+                grad_v = ops.weight_norm(v, c, 0, eps)[0]
                 channels = grad_y.shape[-1]
                 grad_v.addmm_(grad_ys.reshape(-1, channels).t().to(v.dtype), x.reshape(-1, x.shape[-1]).to(v.dtype))
         elif need_x or need_v:
             grad_x, grad_v = _conv_backward(spec, grad_ys, x, v, (need_x, need_v, False))[:2]
             if need_v:
-                grad_v = grad_v.to(v.dtype).addcmul_(v, c.view([-1] + [1] * (v.dim() - 1)).to(v.dtype))
+                grad_v = grad_v.to(v.dtype).addcmul_(v, (c / n).view([-1] + [1] * (v.dim() - 1)).to(v.dtype))
         if need_b and bias is not None:
             grad_b = grad_y.sum(dim=_sum_dims(spec, grad_y)).to(bias.dtype)
         return grad_x, grad_v, grad_g, grad_b, None, None
