@@ -94,8 +94,9 @@ def _register(module, name, dim, eps):
     cls = module.__class__  # the class parametrize made for this module alone
     cls.__reduce_ex__ = _reduce_ex
     base = cls.__bases__[0]
-    if name == "weight" and dim == 0 and base in _SCALED_FORWARDS:
-        cls.forward = _SCALED_FORWARDS[base]
+    v = module.parametrizations[name].original1
+    if name == "weight" and dim == 0 and base in _SCALED_FORWARDS and v.numel() >= _SCALED_MIN_WEIGHT:
+        cls.forward = _SCALED_FORWARDS[base]  # (a small weight never scales: no per-call check)
 
 
 def _adopt(module, name, dim, eps, g, v):

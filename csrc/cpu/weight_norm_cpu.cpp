@@ -24,7 +24,11 @@ using at::vec::Vectorized;
 
 constexpr int64_t kChunk = 8192;    // values summed in float32 before adding into float64
 constexpr int64_t kPiece = 65536;   // values per piece when slices are shared between threads
-constexpr int64_t kGrain = 32768;   // values below which a loop stays on one thread
+// Values below which a loop stays on one thread. Low, as torch's own kernels: in a network the
+// other threads are still spinning from the previous op's parallel region, so sharing even a
+// 16K-value weight costs less than leaving them idle (weight-normed Linear 128x128 layer,
+// fwd+bwd: 1.25x -> 1.16x of torch's time with 4096 instead of 32768).
+constexpr int64_t kGrain = 4096;
 constexpr int64_t kMinRun = 32;     // runs shorter than this take the short-run path
 constexpr int64_t kRowBlock = 256;  // rows per block of the short-run reduction
 constexpr int64_t kColumns = 4096;  // positions per chunk of a short-run row
