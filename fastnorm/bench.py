@@ -234,6 +234,7 @@ def wn_suite(quick):
         ("materialize conv 512x256x3x3 dim0", (512, 256, 3, 3), 0, torch.float32),
         ("materialize 4096x4096 whole", (4096, 4096), None, torch.float32),
         ("layer linear 4096->4096 b32", (32, 4096, 4096), "linear", torch.float32),
+        ("layer linear 256->256 b16", (16, 256, 256), "linear", torch.float32),
         ("layer conv 256->256 3x3 b32 14x14", (32, 256, 14), "conv", torch.float32),
     ]
 
