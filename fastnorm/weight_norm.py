@@ -189,7 +189,7 @@ _SCALED_FAN_IN_PER_POSITION = {"linear": 16, "conv": 256}
 def _scaled(module, x):
     """Whether to scale the output instead of materializing w (see above)."""
     v = module.parametrizations.weight.original1
-    if v.numel() < _SCALED_MIN_WEIGHT or x.numel() == 0:
+    if v.numel() < _SCALED_MIN_WEIGHT or x.numel() == 0 or x.dim() == 0:
         return False
     fan_in = v.numel() // v.shape[0]
     if isinstance(module, nn.Linear):
@@ -240,7 +240,7 @@ class _ScaledOutput(torch.autograd.Function):
         if need_x or need_v:  # grad_y * s, rounded once
             grad_ys = (grad_y * s.view(shape)).to(grad_y.dtype)
         if need_v or need_g:
-            d = (grad_y.to(n.dtype) * u.to(n.dtype)).sum(dim=_sum_dims(spec, grad_y))
+            d = _per_channel_sum(spec, grad_y.to(n.dtype) * u.to(n.dtype))
             grad_g = (d / n).reshape(g.shape).to(g.dtype)
             c = -s * d / n  # grad_v = s * G + (c / n) * v
         if spec is None:
@@ -255,12 +255,19 @@ class _ScaledOutput(torch.autograd.Function):
             if need_v:
                 grad_v = grad_v.to(v.dtype).addcmul_(v, (c / n).view([-1] + [1] * (v.dim() - 1)).to(v.dtype))
         if need_b and bias is not None:
-            grad_b = grad_y.sum(dim=_sum_dims(spec, grad_y)).to(bias.dtype)
+            grad_b = _per_channel_sum(spec, grad_y).to(bias.dtype)
         return grad_x, grad_v, grad_g, grad_b, None, None
 
 
 def _channel_shape(spec, y):
     return [-1] if spec is None else [-1] + [1] * (y.dim() - 2)
+
+
+def _per_channel_sum(spec, t):
+    """t summed over everything but the channel (last for Linear, any rank; 1 for Conv)."""
+    if spec is None:
+        return t.reshape(-1, t.shape[-1]).sum(0)
+    return t.sum(dim=_sum_dims(spec, t))
 
 
 def _sum_dims(spec, t):

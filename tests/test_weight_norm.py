@@ -165,6 +165,11 @@ def test_graph_node_semantics():
         v.mul_(2)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         w.sum().backward()
+    if hasattr(torch.autograd.graph, "node_creation_hook"):  # newer torch: the node is announced
+        seen = []
+        with torch.autograd.graph.node_creation_hook(lambda node: seen.append(node.name())):
+            fastnorm.functional.weight_norm(v, g, 0)
+        assert any("WeightNorm" in name for name in seen), seen
     only_g = fastnorm.functional.weight_norm(v.detach(), g, 0)  # one input needs a gradient
     (grad_g,) = torch.autograd.grad(only_g.sum(), [g])
     expected = torch.autograd.grad(torch._weight_norm(v.detach(), g, 0).sum(), [g])[0]
@@ -250,7 +255,11 @@ def ops_run(fn):
     (lambda: nn.Linear(256, 256), (2, 256), False),  # a small weight
     (lambda: nn.Conv2d(512, 64, 3, padding=1), (2, 512, 1, 1), True),
     (lambda: nn.Conv2d(512, 64, 3, padding=1), (2, 512, 4, 4), False),
-], ids=["linear", "linear 3-d", "linear many rows", "linear small", "conv 1x1 map", "conv 4x4 map"])
+    (lambda: nn.Conv2d(512, 64, 3, stride=2, padding=1), (2, 512, 4, 4), True),  # a 2x2 output
+    (lambda: nn.Conv2d(512, 64, 3, padding=1, dilation=2), (2, 512, 4, 4), True),  # a 2x2 output
+    (lambda: nn.Linear(1024, 1024), (1024,), True),
+], ids=["linear", "linear 3-d", "linear many rows", "linear small", "conv 1x1 map", "conv 4x4 map",
+        "conv stride 2", "conv dilation 2", "linear 1-d"])
 def test_scaled_output_selection(make, x_shape, scaled):
     ours = make()
     theirs = copy.deepcopy(ours)
@@ -267,7 +276,11 @@ SCALED_LAYERS = [  # layers that scale their output by g / ||v|| (with scaled_ev
     ("linear", lambda dt: nn.Linear(40, 24, dtype=dt), (6, 40)),
     ("linear 3-d input", lambda dt: nn.Linear(40, 24, dtype=dt), (2, 3, 40)),
     ("linear no bias", lambda dt: nn.Linear(40, 24, bias=False, dtype=dt), (5, 40)),
+    ("linear 1-d input", lambda dt: nn.Linear(40, 24, dtype=dt), (40,)),
     ("conv2d", lambda dt: nn.Conv2d(8, 12, 3, padding=1, dtype=dt), (2, 8, 3, 3)),
+    ("conv2d strided dilated grouped",
+     lambda dt: nn.Conv2d(8, 12, 3, stride=2, padding=2, dilation=2, groups=2, dtype=dt), (2, 8, 5, 5)),
+    ("conv1d", lambda dt: nn.Conv1d(6, 10, 3, padding=1, dtype=dt), (2, 6, 4)),
 ]
 
 
@@ -276,7 +289,8 @@ def composite_layer(layer, x, v, g, bias):
     w = torch._weight_norm(v, g, 0)
     if isinstance(layer, nn.Linear):
         return torch.nn.functional.linear(x, w, bias)
-    return torch.nn.functional.conv2d(x, w, bias, layer.stride, layer.padding)
+    conv = torch.nn.functional.conv1d if isinstance(layer, nn.Conv1d) else torch.nn.functional.conv2d
+    return conv(x, w, bias, layer.stride, layer.padding, layer.dilation, layer.groups)
 
 
 SCALED_NEEDS = [(layer, need) for layer in SCALED_LAYERS for need in ("all", "x", "v", "g", "v g", "bias")

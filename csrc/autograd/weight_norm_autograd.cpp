@@ -18,6 +18,7 @@
 #include <mutex>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace fastnorm {
@@ -70,6 +71,20 @@ NodePtr make_node() {
   } else {
     return c10::make_intrusive<N>();
   }
+}
+
+// Node-creation hooks (torch.autograd.graph): newer torch lets each creation site fire them
+// once the node is complete; older torch has no such function. Dependent on P so that the
+// call is looked up (by ADL) only where it exists.
+template <typename P, typename = void>
+struct HasCreationHooks : std::false_type {};
+template <typename P>
+struct HasCreationHooks<P, std::void_t<decltype(fire_node_creation_hooks(std::declval<const P&>()))>>
+    : std::true_type {};
+
+template <typename P>
+void fire_creation_hooks(const P& node) {
+  if constexpr (HasCreationHooks<P>::value) fire_node_creation_hooks(node);
 }
 
 // The gradient of w = g * v / norm with respect to v and g.
@@ -160,6 +175,7 @@ std::tuple<Tensor, Tensor> weight_norm_autograd(const Tensor& v, const Tensor& g
     backward.dim = dim;
     backward.eps = eps;
     torch::autograd::set_history(w, node);
+    fire_creation_hooks(node);
   }
   return {w, norm};
 }
