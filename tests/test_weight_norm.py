@@ -415,19 +415,25 @@ def test_recurrent_layer_trained_over_sequences():
         assert losses[0] == pytest.approx(losses[1], rel=1e-5, abs=1e-6), step
 
 
-def test_compile_fullgraph_matches_eager():
+@pytest.mark.parametrize("scaled", [False, True], ids=["materialized", "scaled output"])
+def test_compile_fullgraph_matches_eager(scaled, request):
+    if scaled:
+        request.getfixturevalue("scaled_everywhere")
     torch._dynamo.reset()
     torch.manual_seed(0)
+    size = 3 if scaled else 6  # a 1x1 conv output: both layers scale (with scaled_everywhere)
 
     def make():
         return nn.Sequential(fastnorm.weight_norm(nn.Conv2d(3, 8, 3)), nn.ReLU(), nn.Flatten(),
-                             fastnorm.weight_norm(nn.Linear(8 * 4 * 4, 10)))
+                             fastnorm.weight_norm(nn.Linear(8 * (size - 2) ** 2, 10)))
 
     eager = make()
     compiled_model = copy.deepcopy(eager)
     compiled = torch.compile(compiled_model, fullgraph=True)
-    x = torch.randn(2, 3, 6, 6)
-    ye, yc = eager(x), compiled(x)
+    x = torch.randn(2, 3, size, size)
+    ye, names = ops_run(lambda: eager(x))
+    assert ("fastnorm::weight_norm" in names) != scaled
+    yc = compiled(x)
     torch.testing.assert_close(yc, ye, rtol=1e-5, atol=1e-5)
     ye.square().sum().backward()
     yc.square().sum().backward()
