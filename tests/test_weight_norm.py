@@ -134,6 +134,7 @@ def test_slices_of_no_values(device, eps):
         torch.testing.assert_close(g.grad, torch.zeros_like(g))
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")  # torch's forward_ad import
 def test_bad_input():
     v = torch.randn(4, 6)
     with pytest.raises(RuntimeError, match=r"g of shape \[3, 1\].*does not fit v of shape \[4, 6\].*with dim=0"):
