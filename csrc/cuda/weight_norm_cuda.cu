@@ -47,11 +47,14 @@ struct Pointers {
 };
 
 // What a slice's reduction adds for one value, and the write of one value once the slice's
-// total is known. The backward's dot accumulates in float64: a slice (nearly) parallel to
-// its gradient cancels in grad_v, and the dot's precision sets the result's.
+// total is known. Totals accumulate in float64, as the CPU's chunk totals do: one block
+// reduces a whole slice, so each thread adds outer * inner / 256 values in sequence (a
+// whole-tensor norm: millions), and in the backward a slice (nearly) parallel to its
+// gradient cancels in grad_v, where the dot's precision sets the result's. The kernels are
+// bound by memory, not by the float64 adds.
 template <Mode M, typename scalar_t, typename acc_t>
 struct SliceMath {
-  using red_t = std::conditional_t<M == Mode::Backward, double, acc_t>;
+  using red_t = double;
   // The VEC values from i on (i a multiple of VEC: one aligned access per tensor).
   template <int VEC>
   static __device__ __forceinline__ red_t contribution(const Pointers<scalar_t, acc_t>& p, int64_t i) {
@@ -76,9 +79,9 @@ struct SliceMath {
       p.grad_g[d] = k.grad_g;
       return k;
     } else {
-      const acc_t n = wn_norm<acc_t>(acc_t(total), p.eps);
-      p.norm[d] = n;
-      return {acc_t(0), M == Mode::Forward ? fn_div(p.g[d], n) : acc_t(0), acc_t(0), acc_t(0)};
+      const double n = wn_norm<double>(double(total), p.eps);  // as the CPU: in float64, then rounded
+      p.norm[d] = acc_t(n);
+      return {acc_t(0), M == Mode::Forward ? acc_t(double(p.g[d]) / n) : acc_t(0), acc_t(0), acc_t(0)};
     }
   }
   // out = w or grad_v for the VEC values from i on. grad_v may be grad_w itself: each value
@@ -186,6 +189,8 @@ void launch(const WeightNormArgs& a) {
     }
     TORCH_CHECK(a.outer * a.inner < (int64_t(1) << 31), "fastnorm.weight_norm (CUDA): a slice of ", a.outer * a.inner,
                 " values is too large (at most 2^31 - 1)");
+    TORCH_CHECK(a.D < (int64_t(1) << 31), "fastnorm.weight_norm (CUDA): ", a.D,
+                " slices are too many for one block each (at most 2^31 - 1)");
     constexpr int V = vec_width<scalar_t>();
     const bool wide = a.inner % V == 0 && aligned16(a.v) && aligned16(a.grad_w) && aligned16(a.w) && aligned16(a.grad_v);
     auto run = [&](auto vec) {
