@@ -81,27 +81,30 @@ def make_input(case, device, requires_grad=False):
     return x.requires_grad_(requires_grad)
 
 
-def keep_freed_memory():
-    """glibc: serve large blocks from the heap and never trim it (see the module docstring)."""
+def _glibc():
+    """glibc's malloc controls, or None where the C library is another."""
     try:
         import ctypes
 
         libc = ctypes.CDLL("libc.so.6")
-        M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-        return libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30) == 1
-    except (OSError, AttributeError):
-        return False
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+def keep_freed_memory():
+    """glibc: serve large blocks from the heap and never trim it (see the module docstring)."""
+    libc = _glibc()
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    return libc is not None and libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30) == 1
 
 
 def trim_heap():
     """Returns freed memory to the system between cases (glibc), so that no case starts on a
     heap shaped by the previous one; a case's own warm-up then maps what it uses."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 def median_ms(fns, min_run_time, rounds=5):
