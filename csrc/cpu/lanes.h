@@ -12,6 +12,14 @@
 
 #include "cpu/stream_store.h"
 
+// Forces a lambda inline where it is called (kernels pass small per-slice lambdas to
+// generic loops; called, each costs a call, a vzeroupper and reloads of its captures).
+#if defined(__GNUC__) || defined(__clang__)
+#define FASTNORM_INLINE_LAMBDA __attribute__((always_inline))
+#else
+#define FASTNORM_INLINE_LAMBDA
+#endif
+
 namespace fastnorm::cpu {
 
 using at::vec::Vectorized;
