@@ -78,7 +78,12 @@ pybind11::dict build_info() {
 
 }  // namespace
 
+namespace fastnorm {
+void bind_direct_calls(pybind11::module& m);  // direct_calls.cpp
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastnorm kernels (ops live under torch.ops.fastnorm)";
   m.def("build_info", &build_info, "How this extension was built");
+  fastnorm::bind_direct_calls(m);
 }

@@ -9,6 +9,34 @@ from . import _C  # noqa: F401  (loading the extension registers torch.ops.fastn
 
 ops = torch.ops.fastnorm
 
+_is_compiling = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
+
+
+def _fast_call(name):
+    """The op ``name`` called through ``_C``'s direct entry point (csrc/direct_calls.cpp: the
+    dispatcher unboxed, several microseconds less per call than torch.ops), or through
+    torch.ops where Python must see the call: under torch.compile / export and for
+    arguments or modes with ``__torch_function__``."""
+    direct = getattr(_C, name)
+    overload = getattr(ops, name).default
+    has_torch_function = torch._C._has_torch_function
+
+    def call(*args):
+        if _is_compiling() or has_torch_function(args):
+            return overload(*args)
+        return direct(*args)
+
+    call.__name__ = call.__qualname__ = name
+    return call
+
+
+class calls:
+    """The ops the layers call on every step, by their fastest safe path (``_fast_call``)."""
+    weight_norm = staticmethod(_fast_call("weight_norm"))
+    weight_norm_norms = staticmethod(_fast_call("weight_norm_norms"))
+    batch_norm_train = staticmethod(_fast_call("batch_norm_train"))
+    batch_norm_elemt = staticmethod(_fast_call("batch_norm_elemt"))
+
 ACTIVATIONS = {None: 0, "relu": 1, "leaky_relu": 2, "silu": 3}
 
 

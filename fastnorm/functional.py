@@ -1,7 +1,7 @@
 """Functional API: fastnorm.functional.batch_norm and fastnorm.functional.weight_norm."""
 import torch
 
-from ._ops import activation_code, ops, wn_dim
+from ._ops import activation_code, calls, wn_dim
 
 
 def _verify_batch_size(size):
@@ -22,13 +22,13 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
         cumulative = momentum is None
         if cumulative and running_mean is not None and num_batches_tracked is None:
             raise ValueError("momentum=None (cumulative average) needs num_batches_tracked")
-        out, _, _ = ops.batch_norm_train(
+        out, _, _ = calls.batch_norm_train(
             input, weight, bias, residual, running_mean, running_var, num_batches_tracked,
             0.0 if cumulative else float(momentum), cumulative, float(eps), act, float(negative_slope))
         return out
     if running_mean is None or running_var is None:
         raise ValueError("batch_norm: running_mean and running_var are needed when training=False")
-    return ops.batch_norm_elemt(input, running_mean, running_var, weight, bias, residual,
+    return calls.batch_norm_elemt(input, running_mean, running_var, weight, bias, residual,
                                 float(eps), act, float(negative_slope))
 
 
@@ -59,5 +59,4 @@ def weight_norm(v, g, dim=0, *, eps=0.0):
     """
     if not isinstance(v, torch.Tensor) or not isinstance(g, torch.Tensor):
         raise TypeError("weight_norm: v and g must be Tensors")
-    w, _ = ops.weight_norm(v, g, wn_dim(v, dim), float(eps))
-    return w
+    return calls.weight_norm(v, g, wn_dim(v, dim), float(eps))[0]

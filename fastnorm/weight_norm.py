@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ._ops import ops, wn_dim
+from ._ops import calls, ops, wn_dim
 from .functional import weight_norm as weight_norm_fn
 
 
@@ -30,7 +30,8 @@ class _WeightNorm(nn.Module):
         self.eps = float(eps)
 
     def forward(self, weight_g, weight_v):
-        return weight_norm_fn(weight_v, weight_g, self.dim, eps=self.eps)
+        dim = self.dim if self.dim >= -1 else wn_dim(weight_v, self.dim)  # (the op checks the range)
+        return calls.weight_norm(weight_v, weight_g, dim, self.eps)[0]
 
     def right_inverse(self, weight):
         dim = wn_dim(weight, self.dim)
@@ -213,7 +214,7 @@ def _spec(module):
 class _ScaledOutput(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, v, g, bias, eps, spec):
-        n = ops.weight_norm_norms(v, 0, eps)
+        n = calls.weight_norm_norms(v, 0, eps)
         s = (g.reshape(-1).to(n.dtype) / n).to(x.dtype)
         u = _op(spec, x, v)
         shape = _channel_shape(spec, u)
@@ -247,7 +248,7 @@ class _ScaledOutput(torch.autograd.Function):
             if need_x:
                 grad_x = grad_ys.matmul(v.to(grad_ys.dtype))
             if need_v:  # (c / n) * v is the weight norm of v with magnitudes c: one fused pass
-                grad_v = ops.weight_norm(v, c, 0, eps)[0]
+                grad_v = calls.weight_norm(v, c, 0, eps)[0]
                 channels = grad_y.shape[-1]
                 grad_v.addmm_(grad_ys.reshape(-1, channels).t().to(v.dtype), x.reshape(-1, x.shape[-1]).to(v.dtype))
         elif need_x or need_v:
