@@ -9,14 +9,17 @@ from . import _C  # noqa: F401  (loading the extension registers torch.ops.fastn
 
 ops = torch.ops.fastnorm
 
-_is_compiling = getattr(torch.compiler, "is_compiling", None) or torch._dynamo.is_compiling
+# Whether dynamo is tracing (it must see torch.ops calls). Other tracers (make_fx, non-strict
+# export, FakeTensorMode) work below Python, through the dispatcher, on either path.
+_is_compiling = (getattr(torch.compiler, "is_dynamo_compiling", None) or getattr(torch.compiler, "is_compiling", None)
+                 or torch._dynamo.is_compiling)
 
 
 def _fast_call(name):
     """The op ``name`` called through ``_C``'s direct entry point (csrc/direct_calls.cpp: the
     dispatcher unboxed, several microseconds less per call than torch.ops), or through
-    torch.ops where Python must see the call: under torch.compile / export and for
-    arguments or modes with ``__torch_function__``."""
+    torch.ops where Python must see the call: while dynamo traces (torch.compile, export)
+    and for arguments or modes with ``__torch_function__``."""
     direct = getattr(_C, name)
     overload = getattr(ops, name).default
     has_torch_function = torch._C._has_torch_function

@@ -154,3 +154,15 @@ def test_threads_run_concurrently_and_agree():
         t.join()
     for r, e in zip(results, expected):
         torch.testing.assert_close(r.double(), e, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_export_records_the_op(strict):
+    """Strict export traces with dynamo (the torch.ops path), non-strict export below Python
+    (the direct path, through the dispatcher): the graph holds the op either way."""
+    layer = fastnorm.weight_norm(torch.nn.Linear(8, 4))
+    x = torch.randn(3, 8)
+    program = torch.export.export(layer, (x,), strict=strict)
+    targets = [str(node.target) for node in program.graph.nodes]
+    assert "fastnorm.weight_norm.default" in targets
+    torch.testing.assert_close(program.module()(x), layer(x))
