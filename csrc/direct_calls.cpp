@@ -9,6 +9,7 @@
 // meta tensors), functorch transforms. What is skipped is Python-level: fastnorm/_ops.py
 // takes the torch.ops path under torch.compile and for __torch_function__ overrides.
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/Exceptions.h>
 #include <torch/extension.h>
 
 #include <optional>
@@ -20,8 +21,10 @@ namespace {
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 
-// Binds `py_name` to the op `op_name` of signature Sig, called with the GIL released (as
-// torch's own functions are; a kernel that needs Python, a dispatch mode's, takes it back).
+// Binds `py_name` to the op `op_name` of signature Sig as torch binds its own functions:
+// errors become the Python exception torch raises for them (message without the C++
+// backtrace), warnings Python warnings, and the GIL is released during the call (a kernel
+// that needs Python, a dispatch mode's, takes it back).
 template <class Sig>
 struct Direct;
 
@@ -30,8 +33,10 @@ struct Direct<R(Args...)> {
   static void bind(pybind11::module& m, const char* py_name, const char* op_name) {
     const auto op = c10::Dispatcher::singleton().findSchemaOrThrow(op_name, "").typed<R(Args...)>();
     m.def(py_name, [op](Args... args) -> R {
+      HANDLE_TH_ERRORS
       pybind11::gil_scoped_release no_gil;
       return op.call(args...);
+      END_HANDLE_TH_ERRORS_PYBIND
     });
   }
 };

@@ -9,12 +9,15 @@ keys ``parametrizations.weight.original0`` (g) and ``original1`` (v), ``module.w
 - Linear and Conv layers with ``dim=0`` scale their output by ``g / ||v||`` instead of
   materializing ``w`` when the weight is large and the input has few positions against its
   fan-in (Salimans & Kingma's formulation; same values and gradients);
+- ``module.<name>`` calls the weight norm directly when parametrize's generic getter would
+  do nothing more (no caching context, stacked parametrization or hooks);
 - old ``weight_g`` / ``weight_v`` checkpoints load;
 - the module can be pickled (``torch.save(module)``) as well as deep-copied.
 """
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _module_globals
 from torch.nn.utils import parametrize
 
 from ._ops import calls, ops, wn_dim
@@ -94,10 +97,35 @@ def _register(module, name, dim, eps):
     parametrize.register_parametrization(module, name, _WeightNorm(dim, eps), unsafe=True)
     cls = module.__class__  # the class parametrize made for this module alone
     cls.__reduce_ex__ = _reduce_ex
+    generic = cls.__dict__[name]
+    setattr(cls, name, property(_direct_getter(name, generic.fget), generic.fset))
     base = cls.__bases__[0]
     v = module.parametrizations[name].original1
     if name == "weight" and dim == 0 and base in _SCALED_FORWARDS and v.numel() >= _SCALED_MIN_WEIGHT:
         cls.forward = _SCALED_FORWARDS[base]  # (a small weight never scales: no per-call check)
+
+
+def _direct_getter(name, generic):
+    """module.<name>: the weight norm of the originals, called directly where parametrize's
+    generic getter (ParametrizationList, Module.__call__ of the parametrization) would do
+    nothing more: no parametrize.cached() context, no other parametrization stacked on this
+    tensor, no module hooks. Otherwise the generic getter. On a small layer the generic
+    path costs about as much as the weight norm itself."""
+    hook_dicts = ("_global_backward_pre_hooks", "_global_backward_hooks", "_global_forward_hooks",
+                  "_global_forward_pre_hooks")
+
+    def get(self):
+        plist = self._modules["parametrizations"]._modules[name]
+        wn = plist._modules.get("0")
+        if (parametrize._cache_enabled or len(plist._modules) != 1 or type(wn) is not _WeightNorm
+                or wn._forward_hooks or wn._forward_pre_hooks or wn._backward_hooks or wn._backward_pre_hooks
+                or any(getattr(_module_globals, h) for h in hook_dicts)):
+            return generic(self)
+        v = plist._parameters["original1"]
+        dim = wn.dim if wn.dim >= -1 else wn_dim(v, wn.dim)
+        return calls.weight_norm(v, plist._parameters["original0"], dim, wn.eps)[0]
+
+    return get
 
 
 def _adopt(module, name, dim, eps, g, v):

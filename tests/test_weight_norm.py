@@ -395,6 +395,50 @@ def test_copy_pickle_save_and_remove():
         fastnorm.weight_norm(nn.Linear(2, 2), name="kernel")
 
 
+def test_weight_getter_direct_and_generic_paths(monkeypatch):
+    """module.weight calls the weight norm directly, and falls back to parametrize's generic
+    getter wherever that does more: parametrize.cached(), a stacked parametrization, hooks on
+    the parametrization module or global module hooks. Setting the weight still works."""
+    from torch.nn.utils import parametrize
+
+    m = fastnorm.weight_norm(nn.Linear(7, 5))
+    p = m.parametrizations.weight
+
+    def expected():
+        return torch._weight_norm(p.original1.detach().double(), p.original0.detach().double(), 0).float()
+
+    wn_forward = type(p[0]).forward
+    with monkeypatch.context() as patch:  # the direct path does not go through the module
+        patch.setattr(type(p[0]), "forward", lambda *args: pytest.fail("generic path taken"))
+        torch.testing.assert_close(m.weight, expected())
+    assert type(p[0]).forward is wn_forward
+
+    with parametrize.cached():
+        first = m.weight
+        assert m.weight is first
+    torch.testing.assert_close(first, expected())
+
+    seen = []
+    handle = p[0].register_forward_hook(lambda mod, args, out: seen.append("module"))
+    torch.testing.assert_close(m.weight, expected())
+    handle.remove()
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda mod, args, out: seen.append(type(mod)))
+    torch.testing.assert_close(m.weight, expected())
+    handle.remove()
+    assert seen[0] == "module" and type(p[0]) in seen[1:]
+
+    new = torch.randn(5, 7)
+    m.weight = new  # right_inverse: g and v from the new weight
+    torch.testing.assert_close(m.weight, new)
+
+    class Double(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    parametrize.register_parametrization(m, "weight", Double())
+    torch.testing.assert_close(m.weight, 2 * expected())
+
+
 def test_recurrent_layer_trained_over_sequences():
     torch.manual_seed(0)
     ours = nn.LSTM(6, 8, num_layers=1, batch_first=True)
