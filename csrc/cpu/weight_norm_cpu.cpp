@@ -378,9 +378,7 @@ void forward_impl(const WeightNormArgs& a) {
         s[d] = double(g[d]) / n;
       },
       [&](int64_t d, int64_t off, int64_t n) FASTNORM_INLINE_LAMBDA {
-        // (stream as a constant in each branch: no flag test per store)
-        const Coef<acc_t, false> c{acc_t(s[d])};
-        stream ? scale_span(w + off, v + off, n, c, true) : scale_span(w + off, v + off, n, c, false);
+        scale_span(w + off, v + off, n, Coef<acc_t, false>{acc_t(s[d])}, stream);
       });
 }
 
