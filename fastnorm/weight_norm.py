@@ -121,9 +121,7 @@ def _direct_getter(name, generic):
                 or wn._forward_hooks or wn._forward_pre_hooks or wn._backward_hooks or wn._backward_pre_hooks
                 or any(getattr(_module_globals, h) for h in hook_dicts)):
             return generic(self)
-        v = plist._parameters["original1"]
-        dim = wn.dim if wn.dim >= -1 else wn_dim(v, wn.dim)
-        return calls.weight_norm(v, plist._parameters["original0"], dim, wn.eps)[0]
+        return wn.forward(plist._parameters["original0"], plist._parameters["original1"])
 
     return get
 
