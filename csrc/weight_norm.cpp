@@ -115,7 +115,8 @@ std::tuple<Tensor, Tensor> weight_norm_backward_impl(const char* op, const Tenso
   a.grad_w = like(grad_w, a.v);
   a.g = per_slice(g, acc_dtype(v));
   a.norm = per_slice(norm, acc_dtype(v));
-  a.grad_v = in_place && a.grad_w.is_same(grad_w) ? grad_w : at::empty_like(a.v);
+  // grad_v over grad_w when asked to, or over the copy of grad_w made above (ours alone).
+  a.grad_v = in_place || !a.grad_w.is_same(grad_w) ? a.grad_w : at::empty_like(a.v);
   a.grad_g = at::empty(g.sizes(), v.options().dtype(acc_dtype(v)));  // contiguous, g's shape
   if (v.numel() > 0) {
     FASTNORM_RUN_WN_KERNEL(v.is_cuda(), weight_norm_backward, a);

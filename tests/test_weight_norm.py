@@ -395,6 +395,64 @@ def test_copy_pickle_save_and_remove():
         fastnorm.weight_norm(nn.Linear(2, 2), name="kernel")
 
 
+def _reference_grads(v, g, grad_w, dim=0):
+    vr, gr = v.detach().double().requires_grad_(), g.detach().double().requires_grad_()
+    torch._weight_norm(vr, gr, dim).backward(grad_w.double())
+    return vr.grad.to(v.dtype), gr.grad.to(g.dtype)
+
+
+@pytest.mark.parametrize("make,x_shape", [
+    (lambda: nn.Linear(16, 8), (4, 16)),  # grad_w arrives as a view (the transpose of a GEMM's output)
+    (lambda: nn.Conv2d(3, 8, 3), (2, 3, 8, 8)),
+])
+def test_backward_writes_grad_v_over_an_unshared_grad_w(make, x_shape):
+    """The engine's own gradient, held by nothing else, takes grad_v in place; the
+    gradients stay those of torch's parametrization (in float64)."""
+    base = make()
+    m = fastnorm.weight_norm(copy.deepcopy(base))
+    ref = torch.nn.utils.parametrizations.weight_norm(copy.deepcopy(base).double())
+    x = torch.randn(x_shape)
+    grad_y = torch.randn_like(base(x))
+    y = m(x)
+    _, ran = ops_run(lambda: y.backward(grad_y))
+    assert "fastnorm::weight_norm_backward_" in ran
+    ref(x.double()).backward(grad_y.double())
+    p, q = m.parametrizations.weight, ref.parametrizations.weight
+    torch.testing.assert_close(p.original1.grad, q.original1.grad.float())
+    torch.testing.assert_close(p.original0.grad, q.original0.grad.float())
+
+
+def test_backward_leaves_a_shared_grad_w_alone():
+    """A gradient anyone else can see (the caller's, a retained .grad, a hook's, a post
+    hook's view of the node's inputs) is not overwritten."""
+    v, g = torch.randn(6, 5, requires_grad=True), (torch.rand(6, 1) + 0.5).requires_grad_()
+    grad_w = torch.randn(6, 5)
+    kept = grad_w.clone()
+    _, ran = ops_run(lambda: fastnorm.functional.weight_norm(v, g).backward(grad_w))
+    torch.testing.assert_close(grad_w, kept, rtol=0, atol=0)
+    assert "fastnorm::weight_norm_backward_" not in ran
+    ref_v, ref_g = _reference_grads(v, g, grad_w)
+    torch.testing.assert_close(v.grad, ref_v)
+    torch.testing.assert_close(g.grad, ref_g)
+
+    w = fastnorm.functional.weight_norm(v, g)
+    w.retain_grad()
+    (w * 3).sum().backward()
+    torch.testing.assert_close(w.grad, torch.full_like(w, 3.0), rtol=0, atol=0)
+
+    seen = []
+    w = fastnorm.functional.weight_norm(v, g)
+    w.register_hook(lambda grad: seen.append(grad))
+    (w * 3).sum().backward()
+    torch.testing.assert_close(seen[0], torch.full_like(w, 3.0), rtol=0, atol=0)
+
+    seen = []
+    w = fastnorm.functional.weight_norm(v, g)
+    w.grad_fn.register_hook(lambda grad_inputs, grad_outputs: seen.append(grad_outputs[0]))
+    (w * 3).sum().backward()
+    torch.testing.assert_close(seen[0], torch.full_like(w, 3.0), rtol=0, atol=0)
+
+
 def test_weight_getter_direct_and_generic_paths(monkeypatch):
     """module.weight calls the weight norm directly, and falls back to parametrize's generic
     getter wherever that does more: parametrize.cached(), a stacked parametrization, hooks on

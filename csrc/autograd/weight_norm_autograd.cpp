@@ -31,6 +31,7 @@ using torch::autograd::variable_list;
 using WeightNormFn = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, int64_t, double);
 using BackwardFn = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t);
 using NormsFn = Tensor(const Tensor&, int64_t, double);
+using BackwardInPlaceFn = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t);
 
 template <typename Fn>
 c10::TypedOperatorHandle<Fn> op(const char* name) {
@@ -87,6 +88,21 @@ void fire_creation_hooks(const P& node) {
   if constexpr (HasCreationHooks<P>::value) fire_node_creation_hooks(node);
 }
 
+// Whether the incoming gradient can take grad_v in place: laid out as v, and reachable by
+// nothing but the engine's reference (the test AccumulateGrad makes before it steals a
+// gradient: a hook or anyone else holding it, or another tensor on its memory, counts as a
+// reference; a view counts only its base, when the view alone holds that).
+bool reusable(const Tensor& grad_w, const Tensor& v) {
+  if (grad_w.use_count() != 1 || grad_w.scalar_type() != v.scalar_type() || grad_w.strides() != v.strides() ||
+      !grad_w.is_non_overlapping_and_dense()) {
+    return false;
+  }
+  const auto storage_refs = grad_w.storage().use_count();
+  if (!grad_w.is_view()) return storage_refs == 1;
+  const at::TensorBase& base = grad_w._base();
+  return storage_refs == 2 && base.use_count() == 1 && !base.is_view();
+}
+
 // The gradient of w = g * v / norm with respect to v and g.
 struct WeightNormBackward : public torch::autograd::Node {
   torch::autograd::SavedVariable v, g, norm;
@@ -115,8 +131,14 @@ struct WeightNormBackward : public torch::autograd::Node {
       out[1] = std::move(grads_vg[1]);
     } else {
       static const auto bwd = op<BackwardFn>("fastnorm::weight_norm_backward");
+      static const auto bwd_in_place = op<BackwardInPlaceFn>("fastnorm::weight_norm_backward_");
       at::AutoDispatchBelowADInplaceOrView guard;  // straight to the kernel
-      std::tie(out[0], out[1]) = bwd.call(grad_w, v_, g_, norm.unpack(), dim);
+      if (reusable(grad_w, v_)) {  // grad_v over grad_w, while both are in cache
+        out[1] = bwd_in_place.call(grad_w, v_, g_, norm.unpack(), dim);
+        out[0] = grad_w;
+      } else {
+        std::tie(out[0], out[1]) = bwd.call(grad_w, v_, g_, norm.unpack(), dim);
+      }
     }
     if (!need_v) out[0] = Tensor();
     if (!need_g) out[1] = Tensor();
