@@ -453,6 +453,18 @@ def test_backward_leaves_a_shared_grad_w_alone():
     torch.testing.assert_close(seen[0], torch.full_like(w, 3.0), rtol=0, atol=0)
 
 
+def test_batched_gradients_through_the_node():
+    """vmap-batched incoming gradients (jacobian(vectorize=True), is_grads_batched) take
+    the out-of-place backward and match torch's."""
+    v = torch.randn(4, 3, dtype=torch.float64)
+    g = torch.rand(4, 1, dtype=torch.float64) + 0.5
+    ours = torch.autograd.functional.jacobian(lambda v, g: fastnorm.functional.weight_norm(v, g) * 2, (v, g),
+                                              vectorize=True)
+    ref = torch.autograd.functional.jacobian(lambda v, g: torch._weight_norm(v, g, 0) * 2, (v, g), vectorize=True)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b)
+
+
 def test_weight_getter_direct_and_generic_paths(monkeypatch):
     """module.weight calls the weight norm directly, and falls back to parametrize's generic
     getter wherever that does more: parametrize.cached(), a stacked parametrization, hooks on

@@ -18,6 +18,7 @@
 #include <mutex>
 #include <string>
 #include <type_traits>
+#include <typeinfo>
 #include <utility>
 #include <vector>
 
@@ -88,12 +89,16 @@ void fire_creation_hooks(const P& node) {
   if constexpr (HasCreationHooks<P>::value) fire_node_creation_hooks(node);
 }
 
-// Whether the incoming gradient can take grad_v in place: laid out as v, and reachable by
-// nothing but the engine's reference (the test AccumulateGrad makes before it steals a
-// gradient: a hook or anyone else holding it, or another tensor on its memory, counts as a
-// reference; a view counts only its base, when the view alone holds that).
+// Whether the incoming gradient can take grad_v in place: a plain dense tensor on memory of
+// its own (not a vmap-batched, functional or Python-subclass wrapper), laid out as v, and
+// reachable by nothing but the engine's reference (the test AccumulateGrad makes before it
+// steals a gradient: a hook or anyone else holding it, or another tensor on its memory,
+// counts as a reference; a view counts only its base, when the view alone holds that).
 bool reusable(const Tensor& grad_w, const Tensor& v) {
-  if (grad_w.use_count() != 1 || grad_w.scalar_type() != v.scalar_type() || grad_w.strides() != v.strides() ||
+  const c10::TensorImpl* impl = grad_w.unsafeGetTensorImpl();
+  if (typeid(*impl) != typeid(c10::TensorImpl) || !impl->has_storage() || grad_w.layout() != at::kStrided ||
+      grad_w.key_set().has(c10::DispatchKey::Python) || grad_w.use_count() != 1 ||
+      grad_w.scalar_type() != v.scalar_type() || grad_w.strides() != v.strides() ||
       !grad_w.is_non_overlapping_and_dense()) {
     return false;
   }
