@@ -119,7 +119,7 @@ def _direct_getter(name, generic):
         wn = plist._modules.get("0")
         if (parametrize._cache_enabled or len(plist._modules) != 1 or type(wn) is not _WeightNorm
                 or wn._forward_hooks or wn._forward_pre_hooks or wn._backward_hooks or wn._backward_pre_hooks
-                or any(getattr(_module_globals, h) for h in hook_dicts)):
+                or any(getattr(_module_globals, h, None) for h in hook_dicts)):
             return generic(self)
         return wn.forward(plist._parameters["original0"], plist._parameters["original1"])
 
