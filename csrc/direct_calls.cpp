@@ -41,6 +41,26 @@ struct Direct<R(Args...)> {
   }
 };
 
+// w alone, dim as torch's weight norm takes it (None or -1: the whole tensor; negative: from
+// the end), for fastnorm.functional.weight_norm and the parametrization: the Python side
+// is then one call, and the norms never become a Python object.
+void bind_weight_norm_w(pybind11::module& m) {
+  using Fn = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, int64_t, double);
+  const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fastnorm::weight_norm", "").typed<Fn>();
+  m.def("weight_norm_w", [op](const Tensor& v, const Tensor& g, std::optional<int64_t> dim, double eps) -> Tensor {
+    HANDLE_TH_ERRORS
+    int64_t d = dim.value_or(-1);
+    if (d != -1) {
+      TORCH_CHECK_INDEX(d >= -v.dim() && d < v.dim(), "weight_norm: dim ", d, " is out of range for a weight of ",
+                        v.dim(), " dimensions");
+      d = d < 0 ? d + v.dim() : d;
+    }
+    pybind11::gil_scoped_release no_gil;
+    return std::get<0>(op.call(v, g, d, eps));
+    END_HANDLE_TH_ERRORS_PYBIND
+  });
+}
+
 }  // namespace
 
 void bind_direct_calls(pybind11::module& m) {
@@ -55,6 +75,7 @@ void bind_direct_calls(pybind11::module& m) {
   Direct<NormsFn>::bind(m, "weight_norm_norms", "fastnorm::weight_norm_norms");
   Direct<TrainFn>::bind(m, "batch_norm_train", "fastnorm::batch_norm_train");
   Direct<ElemtFn>::bind(m, "batch_norm_elemt", "fastnorm::batch_norm_elemt");
+  bind_weight_norm_w(m);
 }
 
 }  // namespace fastnorm

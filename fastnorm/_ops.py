@@ -40,6 +40,23 @@ class calls:
     batch_norm_train = staticmethod(_fast_call("batch_norm_train"))
     batch_norm_elemt = staticmethod(_fast_call("batch_norm_elemt"))
 
+def weight_norm_w(v, g, dim, eps):
+    """w of the weight norm alone (``calls.weight_norm(...)[0]``), dim as the public API takes
+    it (None, negative), by the direct path where ``_fast_call`` would take it: one Python
+    call, and no Python object made for the norms."""
+    if _is_compiling() or _has_torch_function_variadic(v, g):
+        return ops.weight_norm.default(v, g, wn_dim(v, dim), eps)[0]
+    try:
+        return _weight_norm_w(v, g, dim, eps)
+    except TypeError:  # pybind's message for an argument of the wrong type lists overloads
+        if dim is not None and not isinstance(dim, int):
+            raise TypeError(f"weight_norm: dim must be an int or None, got {dim!r}") from None
+        raise
+
+
+_has_torch_function_variadic = torch._C._has_torch_function_variadic
+_weight_norm_w = _C.weight_norm_w
+
 ACTIVATIONS = {None: 0, "relu": 1, "leaky_relu": 2, "silu": 3}
 
 

@@ -1,7 +1,7 @@
 """Functional API: fastnorm.functional.batch_norm and fastnorm.functional.weight_norm."""
 import torch
 
-from ._ops import activation_code, calls, wn_dim
+from ._ops import activation_code, calls, weight_norm_w
 
 
 def _verify_batch_size(size):
@@ -59,4 +59,4 @@ def weight_norm(v, g, dim=0, *, eps=0.0):
     """
     if not isinstance(v, torch.Tensor) or not isinstance(g, torch.Tensor):
         raise TypeError("weight_norm: v and g must be Tensors")
-    return calls.weight_norm(v, g, wn_dim(v, dim), float(eps))[0]
+    return weight_norm_w(v, g, dim, float(eps))

@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn.modules import module as _module_globals
 from torch.nn.utils import parametrize
 
-from ._ops import calls, ops, wn_dim
+from ._ops import calls, ops, weight_norm_w, wn_dim
 from .functional import weight_norm as weight_norm_fn
 
 
@@ -33,8 +33,7 @@ class _WeightNorm(nn.Module):
         self.eps = float(eps)
 
     def forward(self, weight_g, weight_v):
-        dim = self.dim if self.dim >= -1 else wn_dim(weight_v, self.dim)  # (the op checks the range)
-        return calls.weight_norm(weight_v, weight_g, dim, self.eps)[0]
+        return weight_norm_w(weight_v, weight_g, self.dim, self.eps)
 
     def right_inverse(self, weight):
         dim = wn_dim(weight, self.dim)

@@ -9,7 +9,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastnorm
-from fastnorm._ops import calls, ops
+from fastnorm._ops import calls, ops, weight_norm_w
 
 from conftest import DEVICES
 
@@ -52,6 +52,29 @@ def test_same_results_and_buffer_updates_as_torch_ops(name, device):
     for x, y in zip(a, b):  # running statistics updated alike
         if isinstance(x, torch.Tensor):
             torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dim", [0, 1, 2, -1, None, -2, -3])
+def test_weight_norm_w_same_as_torch_ops(dim, device):
+    """The functional's entry (w alone, dim as the public API takes it) against the op."""
+    v = torch.randn(6, 5, 3, device=device)
+    op_dim = -1 if dim in (None, -1) else dim % 3
+    g = torch.rand([v.size(d) if d == op_dim else 1 for d in range(3)], device=device) + 0.5
+    w = weight_norm_w(v, g, dim, 1e-3)
+    torch.testing.assert_close(w, ops.weight_norm.default(v, g, op_dim, 1e-3)[0], rtol=0, atol=0)
+
+
+def test_weight_norm_w_bad_dim():
+    v, g = torch.randn(3, 4), torch.rand(3)
+    for dim in (2, -3):
+        with pytest.raises(IndexError, match=f"dim {dim} is out of range for a weight of 2 dimensions"):
+            weight_norm_w(v, g, dim, 0.0)
+        with pytest.raises(IndexError, match=f"dim {dim} is out of range for a weight of 2 dimensions"):
+            with _RecordFunctions():  # the torch.ops path
+                weight_norm_w(v, g, dim, 0.0)
+    with pytest.raises(TypeError, match="dim must be an int or None, got 0.5"):
+        weight_norm_w(v, g, 0.5, 0.0)
 
 
 def test_bad_input_same_error_both_paths():

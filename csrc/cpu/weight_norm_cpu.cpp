@@ -186,16 +186,23 @@ void slice_pass(const WeightNormArgs& a, Reduce&& reduce, Finish&& finish, Write
     // which re-read the group from L1.
     const int64_t group = std::clamp<int64_t>(kGroupValues / std::max<int64_t>(per_slice, 1), 1, kMaxGroup);
     at::parallel_for(0, D, per_slice * D <= kGrain ? D : 1, [&](int64_t d0, int64_t d1) {
+      // Local copies (the callables capture by value): the vector stores may alias any
+      // memory, so values read through the captured references would be loaded again for
+      // every slice; locals stay in registers.
+      const auto reduce_ = reduce;
+      const auto finish_ = finish;
+      const auto write_ = write;
+      const int64_t D_ = D, outer_ = outer, inner_ = inner, group_ = group;
       double total[kMaxGroup];
-      for (int64_t d = d0; d < d1; d += group) {
-        const int64_t e = std::min(d1, d + group);
+      for (int64_t d = d0; d < d1; d += group_) {
+        const int64_t e = std::min(d1, d + group_);
         for (int64_t i = d; i < e; ++i) {
           total[i - d] = 0;
-          for (int64_t o = 0; o < outer; ++o) total[i - d] += reduce(run_offset(i, o), inner);
+          for (int64_t o = 0; o < outer_; ++o) total[i - d] += reduce_((o * D_ + i) * inner_, inner_);
         }
-        for (int64_t i = d; i < e; ++i) finish(i, total[i - d]);
+        for (int64_t i = d; i < e; ++i) finish_(i, total[i - d]);
         for (int64_t i = d; i < e; ++i) {
-          for (int64_t o = 0; o < outer; ++o) write(i, run_offset(i, o), inner);
+          for (int64_t o = 0; o < outer_; ++o) write_(i, (o * D_ + i) * inner_, inner_);
         }
       }
       stream_fence();
@@ -370,15 +377,17 @@ void forward_impl(const WeightNormArgs& a) {
     });
     return;
   }
+  double* scale = s.data();
+  const double eps = a.eps;
   slice_pass(
-      a, [&](int64_t off, int64_t n) FASTNORM_INLINE_LAMBDA { return sum_squares(v + off, n); },
-      [&](int64_t d, double ss) FASTNORM_INLINE_LAMBDA {
-        const double n = wn_norm<double>(ss, a.eps);
+      a, [v](int64_t off, int64_t n) FASTNORM_INLINE_LAMBDA { return sum_squares(v + off, n); },
+      [norm, scale, g, eps](int64_t d, double ss) FASTNORM_INLINE_LAMBDA {
+        const double n = wn_norm<double>(ss, eps);
         norm[d] = acc_t(n);
-        s[d] = double(g[d]) / n;
+        scale[d] = double(g[d]) / n;
       },
-      [&](int64_t d, int64_t off, int64_t n) FASTNORM_INLINE_LAMBDA {
-        scale_span(w + off, v + off, n, Coef<acc_t, false>{acc_t(s[d])}, stream);
+      [w, v, scale, stream](int64_t d, int64_t off, int64_t n) FASTNORM_INLINE_LAMBDA {
+        scale_span(w + off, v + off, n, Coef<acc_t, false>{acc_t(scale[d])}, stream);
       });
 }
 
@@ -392,8 +401,9 @@ void backward_impl(const WeightNormArgs& a) {
   const acc_t* norm = a.norm.data_ptr<acc_t>();
   acc_t* grad_g = a.grad_g.data_ptr<acc_t>();
   const bool stream = a.grad_v.nbytes() >= kStreamBytes;
-  std::vector<WeightNormGrad<acc_t>> k(a.D);
-  auto finish = [&](int64_t d, double dt) FASTNORM_INLINE_LAMBDA {
+  std::vector<WeightNormGrad<acc_t>> coefs(a.D);
+  WeightNormGrad<acc_t>* k = coefs.data();
+  auto finish = [k, g, norm, grad_g](int64_t d, double dt) FASTNORM_INLINE_LAMBDA {
     k[d] = wn_grad<acc_t>(double(g[d]), double(norm[d]), dt);
     grad_g[d] = k[d].grad_g;
   };
@@ -411,8 +421,8 @@ void backward_impl(const WeightNormArgs& a) {
   }
   const bool short_slices = a.outer * a.inner < kMinRun;
   slice_pass(
-      a, [&](int64_t off, int64_t n) FASTNORM_INLINE_LAMBDA { return dot(gw + off, v + off, n); }, finish,
-      [&](int64_t d, int64_t off, int64_t n) FASTNORM_INLINE_LAMBDA {
+      a, [gw, v](int64_t off, int64_t n) FASTNORM_INLINE_LAMBDA { return dot(gw + off, v + off, n); }, finish,
+      [k, gv, gw, v, short_slices, stream](int64_t d, int64_t off, int64_t n) FASTNORM_INLINE_LAMBDA {
         const Coef<acc_t, false> A{k[d].a}, hi{k[d].c_hi}, lo{k[d].c_lo};
         if (short_slices) {
           grad_v_span<T, false, true>(gv + off, gw + off, v + off, n, A, hi, lo, stream);
@@ -435,8 +445,8 @@ void norms_impl(const WeightNormArgs& a) {
     return;
   }
   slice_pass(
-      a, [&](int64_t off, int64_t n) FASTNORM_INLINE_LAMBDA { return sum_squares(v + off, n); },
-      [&](int64_t d, double ss) FASTNORM_INLINE_LAMBDA { norm[d] = acc_t(wn_norm<double>(ss, a.eps)); },
+      a, [v](int64_t off, int64_t n) FASTNORM_INLINE_LAMBDA { return sum_squares(v + off, n); },
+      [norm, eps = a.eps](int64_t d, double ss) FASTNORM_INLINE_LAMBDA { norm[d] = acc_t(wn_norm<double>(ss, eps)); },
       [](int64_t, int64_t, int64_t) {});
 }
 
