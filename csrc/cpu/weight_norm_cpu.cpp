@@ -89,11 +89,6 @@ C10_ALWAYS_INLINE double dot(const T* __restrict p, const T* __restrict q, int64
   return total;
 }
 
-template <typename T>
-C10_ALWAYS_INLINE double sum_squares(const T* p, int64_t n) {
-  return dot(p, p, n);
-}
-
 // Per-slice coefficients of the element passes: one per lane read from an array (kPerLane:
 // last-dim slices, where consecutive values belong to consecutive slices; the arrays are
 // padded to whole vectors), or one value for a whole span (slices with runs).
@@ -174,16 +169,20 @@ void for_slices(const WeightNormArgs& a, F&& f) {
 
 int64_t threads() { return std::max<int64_t>(1, at::get_num_threads()); }
 
-// Slices with runs (inner > 1, or the whole tensor): reduce(off, n) -> partial total over a
-// run's values, finish(d, total) once per slice, then write(d, off, n) over its runs.
-template <typename Reduce, typename Finish, typename Write>
-void slice_pass(const WeightNormArgs& a, Reduce&& reduce, Finish&& finish, Write&& write) {
+// Slices with runs (inner > 1, or the whole tensor): the slice's total of p * q over its
+// runs, finish(d, total) -> the slice's coefficients once per slice, then
+// write(off, n, coefficients) over its runs.
+template <typename T, typename Finish, typename Write>
+void slice_pass(const WeightNormArgs& a, const T* p, const T* q, Finish&& finish, Write&& write) {
+  auto reduce = [p, q](int64_t off, int64_t n) FASTNORM_INLINE_LAMBDA { return dot(p + off, q + off, n); };
+  using C = decltype(finish(int64_t(0), 0.0));
   const int64_t D = a.D, outer = a.outer, inner = a.inner, per_slice = outer * inner;
   auto run_offset = [&](int64_t d, int64_t o) FASTNORM_INLINE_LAMBDA { return (o * D + d) * inner; };
   if (D >= 4 * threads() || per_slice * D <= kGrain) {
     // Small slices go in groups: the reductions of a group, then its per-slice scalar work
     // (square roots, divisions: independent, so their latencies overlap), then its writes,
-    // which re-read the group from L1.
+    // which re-read the group from L1. The group's coefficients stay on the thread's stack:
+    // no shared scratch array whose lines would move between cores.
     const int64_t group = std::clamp<int64_t>(kGroupValues / std::max<int64_t>(per_slice, 1), 1, kMaxGroup);
     at::parallel_for(0, D, per_slice * D <= kGrain ? D : 1, [&](int64_t d0, int64_t d1) {
       // Local copies (the callables capture by value): the vector stores may alias any
@@ -194,15 +193,16 @@ void slice_pass(const WeightNormArgs& a, Reduce&& reduce, Finish&& finish, Write
       const auto write_ = write;
       const int64_t D_ = D, outer_ = outer, inner_ = inner, group_ = group;
       double total[kMaxGroup];
+      C coef[kMaxGroup];
       for (int64_t d = d0; d < d1; d += group_) {
         const int64_t e = std::min(d1, d + group_);
         for (int64_t i = d; i < e; ++i) {
           total[i - d] = 0;
           for (int64_t o = 0; o < outer_; ++o) total[i - d] += reduce_((o * D_ + i) * inner_, inner_);
         }
-        for (int64_t i = d; i < e; ++i) finish_(i, total[i - d]);
+        for (int64_t i = d; i < e; ++i) coef[i - d] = finish_(i, total[i - d]);
         for (int64_t i = d; i < e; ++i) {
-          for (int64_t o = 0; o < outer_; ++o) write_(i, (o * D_ + i) * inner_, inner_);
+          for (int64_t o = 0; o < outer_; ++o) write_((o * D_ + i) * inner_, inner_, coef[i - d]);
         }
       }
       stream_fence();
@@ -226,16 +226,17 @@ void slice_pass(const WeightNormArgs& a, Reduce&& reduce, Finish&& finish, Write
       partial[t] = reduce(off, n);
     }
   });
+  std::vector<C> coef(D);
   for (int64_t d = 0; d < D; ++d) {
     double total = 0;
     for (int64_t t = d * pieces_per_slice; t < (d + 1) * pieces_per_slice; ++t) total += partial[t];
-    finish(d, total);
+    coef[d] = finish(d, total);
   }
   at::parallel_for(0, total_pieces, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       int64_t d, off, n;
       piece(t, d, off, n);
-      write(d, off, n);
+      write(off, n, coef[d]);
     }
     stream_fence();
   });
@@ -363,8 +364,8 @@ void forward_impl(const WeightNormArgs& a) {
   const acc_t* g = a.g.data_ptr<acc_t>();
   acc_t* norm = a.norm.data_ptr<acc_t>();
   const bool stream = a.w.nbytes() >= kStreamBytes;
-  std::vector<double> s(a.D);
   if (short_runs(a)) {
+    std::vector<double> s(a.D);
     const auto ss = short_run_totals(a, v, v);
     for_slices(a, [&](int64_t d) {
       const double n = wn_norm<double>(ss[d], a.eps);
@@ -377,17 +378,16 @@ void forward_impl(const WeightNormArgs& a) {
     });
     return;
   }
-  double* scale = s.data();
   const double eps = a.eps;
   slice_pass(
-      a, [v](int64_t off, int64_t n) FASTNORM_INLINE_LAMBDA { return sum_squares(v + off, n); },
-      [norm, scale, g, eps](int64_t d, double ss) FASTNORM_INLINE_LAMBDA {
+      a, v, v,
+      [norm, g, eps](int64_t d, double ss) FASTNORM_INLINE_LAMBDA {
         const double n = wn_norm<double>(ss, eps);
         norm[d] = acc_t(n);
-        scale[d] = double(g[d]) / n;
+        return acc_t(double(g[d]) / n);
       },
-      [w, v, scale, stream](int64_t d, int64_t off, int64_t n) FASTNORM_INLINE_LAMBDA {
-        scale_span(w + off, v + off, n, Coef<acc_t, false>{acc_t(scale[d])}, stream);
+      [w, v, stream](int64_t off, int64_t n, acc_t scale) FASTNORM_INLINE_LAMBDA {
+        scale_span(w + off, v + off, n, Coef<acc_t, false>{scale}, stream);
       });
 }
 
@@ -401,15 +401,15 @@ void backward_impl(const WeightNormArgs& a) {
   const acc_t* norm = a.norm.data_ptr<acc_t>();
   acc_t* grad_g = a.grad_g.data_ptr<acc_t>();
   const bool stream = a.grad_v.nbytes() >= kStreamBytes;
-  std::vector<WeightNormGrad<acc_t>> coefs(a.D);
-  WeightNormGrad<acc_t>* k = coefs.data();
-  auto finish = [k, g, norm, grad_g](int64_t d, double dt) FASTNORM_INLINE_LAMBDA {
-    k[d] = wn_grad<acc_t>(double(g[d]), double(norm[d]), dt);
-    grad_g[d] = k[d].grad_g;
+  auto finish = [g, norm, grad_g](int64_t d, double dt) FASTNORM_INLINE_LAMBDA {
+    const auto k = wn_grad<acc_t>(double(g[d]), double(norm[d]), dt);
+    grad_g[d] = k.grad_g;
+    return k;
   };
   if (short_runs(a)) {
+    std::vector<WeightNormGrad<acc_t>> k(a.D);
     const auto dots = short_run_totals(a, gw, v);
-    for_slices(a, [&](int64_t d) { finish(d, dots[d]); });
+    for_slices(a, [&](int64_t d) { k[d] = finish(d, dots[d]); });
     const auto A = row_lanes<T>(a, [&](int64_t d) { return k[d].a; });
     const auto hi = row_lanes<T>(a, [&](int64_t d) { return k[d].c_hi; });
     const auto lo = row_lanes<T>(a, [&](int64_t d) { return k[d].c_lo; });
@@ -421,9 +421,9 @@ void backward_impl(const WeightNormArgs& a) {
   }
   const bool short_slices = a.outer * a.inner < kMinRun;
   slice_pass(
-      a, [gw, v](int64_t off, int64_t n) FASTNORM_INLINE_LAMBDA { return dot(gw + off, v + off, n); }, finish,
-      [k, gv, gw, v, short_slices, stream](int64_t d, int64_t off, int64_t n) FASTNORM_INLINE_LAMBDA {
-        const Coef<acc_t, false> A{k[d].a}, hi{k[d].c_hi}, lo{k[d].c_lo};
+      a, gw, v, finish,
+      [gv, gw, v, short_slices, stream](int64_t off, int64_t n, const WeightNormGrad<acc_t>& k) FASTNORM_INLINE_LAMBDA {
+        const Coef<acc_t, false> A{k.a}, hi{k.c_hi}, lo{k.c_lo};
         if (short_slices) {
           grad_v_span<T, false, true>(gv + off, gw + off, v + off, n, A, hi, lo, stream);
         } else if (stream) {  // (stream as a constant in each branch: no flag test per store)
@@ -445,9 +445,12 @@ void norms_impl(const WeightNormArgs& a) {
     return;
   }
   slice_pass(
-      a, [v](int64_t off, int64_t n) FASTNORM_INLINE_LAMBDA { return sum_squares(v + off, n); },
-      [norm, eps = a.eps](int64_t d, double ss) FASTNORM_INLINE_LAMBDA { norm[d] = acc_t(wn_norm<double>(ss, eps)); },
-      [](int64_t, int64_t, int64_t) {});
+      a, v, v,
+      [norm, eps = a.eps](int64_t d, double ss) FASTNORM_INLINE_LAMBDA {
+        norm[d] = acc_t(wn_norm<double>(ss, eps));
+        return 0;  // (nothing to write)
+      },
+      [](int64_t, int64_t, int) {});
 }
 
 }  // namespace
