@@ -3,6 +3,8 @@
 Kernels and autograd are registered by the C++ extension; this module loads it and tells
 torch the shapes, dtypes and strides of every op's outputs.
 """
+import operator
+
 import torch
 
 from . import _C  # noqa: F401  (loading the extension registers torch.ops.fastnorm)
@@ -43,15 +45,29 @@ class calls:
 def weight_norm_w(v, g, dim, eps):
     """w of the weight norm alone (``calls.weight_norm(...)[0]``), dim as the public API takes
     it (None, negative), by the direct path where ``_fast_call`` would take it: one Python
-    call, and no Python object made for the norms."""
+    call, no Python object made for the norms, and argument types checked by the binding
+    (here only when it refuses them, to say which)."""
     if _is_compiling() or _has_torch_function_variadic(v, g):
-        return ops.weight_norm.default(v, g, wn_dim(v, dim), eps)[0]
+        _check_weight_norm_types(v, g, dim, eps)
+        return ops.weight_norm.default(v, g, wn_dim(v, dim), float(eps))[0]
     try:
         return _weight_norm_w(v, g, dim, eps)
     except TypeError:  # pybind's message for an argument of the wrong type lists overloads
-        if dim is not None and not isinstance(dim, int):
-            raise TypeError(f"weight_norm: dim must be an int or None, got {dim!r}") from None
+        _check_weight_norm_types(v, g, dim, eps)
         raise
+
+
+def _check_weight_norm_types(v, g, dim, eps):
+    if not isinstance(v, torch.Tensor) or not isinstance(g, torch.Tensor):
+        raise TypeError(f"weight_norm: v and g must be Tensors, got {type(v).__name__} and {type(g).__name__}")
+    try:
+        dim is None or operator.index(dim)
+    except TypeError:
+        raise TypeError(f"weight_norm: dim must be an int or None, got {dim!r}") from None
+    try:
+        float(eps)
+    except (TypeError, ValueError):
+        raise TypeError(f"weight_norm: eps must be a float, got {eps!r}") from None
 
 
 _has_torch_function_variadic = torch._C._has_torch_function_variadic

@@ -57,6 +57,4 @@ def weight_norm(v, g, dim=0, *, eps=0.0):
     which keeps such slices finite. Norms accumulate in float32 (float64 for float64 v); the
     result keeps v's dtype and, for dim 0, its memory format.
     """
-    if not isinstance(v, torch.Tensor) or not isinstance(g, torch.Tensor):
-        raise TypeError("weight_norm: v and g must be Tensors")
-    return weight_norm_w(v, g, dim, float(eps))
+    return weight_norm_w(v, g, dim, eps)

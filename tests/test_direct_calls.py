@@ -1,7 +1,10 @@
 """The direct entry points (fastnorm._ops.calls, csrc/direct_calls.cpp): the same results,
 errors, autograd and dispatch behaviour as the torch.ops path, which Python-level
 overrides (__torch_function__ modes and subclasses) still take."""
+import contextlib
 import threading
+
+import numpy as np
 
 import pytest
 import torch
@@ -73,8 +76,17 @@ def test_weight_norm_w_bad_dim():
         with pytest.raises(IndexError, match=f"dim {dim} is out of range for a weight of 2 dimensions"):
             with _RecordFunctions():  # the torch.ops path
                 weight_norm_w(v, g, dim, 0.0)
-    with pytest.raises(TypeError, match="dim must be an int or None, got 0.5"):
-        weight_norm_w(v, g, 0.5, 0.0)
+    for mode in (contextlib.nullcontext, _RecordFunctions):  # the direct path, the torch.ops path
+        with mode():
+            with pytest.raises(TypeError, match="dim must be an int or None, got 0.5"):
+                weight_norm_w(v, g, 0.5, 0.0)
+            with pytest.raises(TypeError, match="eps must be a float, got 'a'"):
+                weight_norm_w(v, g, 0, "a")
+            with pytest.raises(TypeError, match="v and g must be Tensors, got list and Tensor"):
+                fastnorm.functional.weight_norm([1.0, 2.0], g)
+    g1 = torch.rand(4)
+    w = fastnorm.functional.weight_norm(v, g1, np.int64(1), eps=np.float32(0.5))  # numbers of numpy's types
+    torch.testing.assert_close(w, weight_norm_w(v, g1, 1, 0.5), rtol=0, atol=0)
 
 
 def test_bad_input_same_error_both_paths():
