@@ -3,7 +3,10 @@
 Every case times fastnorm and torch (eager; and torch.compile with --compile, the default on
 CUDA) in the same run: training forward, and forward + backward. Times are medians of
 torch.utils.benchmark (warm-up excluded, CUDA synchronized), taken in rounds that
-interleave the contenders so that drift in the machine's speed falls on all alike. Bandwidth: the bytes that must
+interleave the contenders so that drift in the machine's speed falls on all alike. A ratio
+between two contenders ("x vs torch", "/ copy", "/ plain") is the median of its ratios in
+each round, where the two ran back to back: on a machine whose speed drifts by 10-30% over
+seconds, the ratio of two medians can be off by that much, a paired ratio is not. Bandwidth: the bytes that must
 move (forward: read x, write y; backward: read dy and x, write dx) over the time, and as a
 share of what a copy of the same bytes achieves on this machine.
 
@@ -51,6 +54,7 @@ class Result:
     group: str
     device: str
     ms: dict = field(default_factory=dict)  # "<impl> <pass>" -> median milliseconds
+    speedup: dict = field(default_factory=dict)  # "<impl> <pass>" -> its time / fastnorm's (paired)
     copy_ms: float = 0.0
     bytes: dict = field(default_factory=dict)  # "<pass>" -> bytes that must move
 
@@ -107,19 +111,25 @@ def trim_heap():
         libc.malloc_trim(0)
 
 
-def median_ms(fns, min_run_time, rounds=5):
-    """Median milliseconds of each named callable. They are measured in interleaved rounds
-    (the order rotating each round) and the medians of the rounds kept, so that a drift in
-    the machine's speed (other tenants, clocks) falls on every contender alike."""
-    for fn in fns.values():
-        fn()  # warm-up: allocations, first-call costs, compilation
-    timers = {k: Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()) for k, fn in fns.items()}
-    samples = {k: [] for k in fns}
-    keys = list(fns)
-    for r in range(rounds):
-        for k in keys[r % len(keys):] + keys[:r % len(keys)]:
-            samples[k].append(timers[k].blocked_autorange(min_run_time=min_run_time / rounds).median)
-    return {k: statistics.median(v) * 1e3 for k, v in samples.items()}
+class Timings:
+    """Times of named callables measured in interleaved rounds (the order rotating each
+    round), so that a drift in the machine's speed (other tenants, clocks) falls on every
+    contender alike: ``ms`` the median milliseconds of each, ``ratio(a, b)`` the median over
+    rounds of a's time over b's in the same round."""
+
+    def __init__(self, fns, min_run_time, rounds=9):
+        for fn in fns.values():
+            fn()  # warm-up: allocations, first-call costs, compilation
+        timers = {k: Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()) for k, fn in fns.items()}
+        self.rounds = {k: [] for k in fns}
+        keys = list(fns)
+        for r in range(rounds):
+            for k in keys[r % len(keys):] + keys[:r % len(keys)]:
+                self.rounds[k].append(timers[k].blocked_autorange(min_run_time=min_run_time / rounds).median)
+        self.ms = {k: statistics.median(v) * 1e3 for k, v in self.rounds.items()}
+
+    def ratio(self, a, b):
+        return statistics.median(x / y for x, y in zip(self.rounds[a], self.rounds[b]))
 
 
 def _torch_bn(x, rm, rv, w, b):
@@ -159,8 +169,10 @@ def run_case(case, device, min_run_time, compile_torch):
     src = x.detach()
     dst = torch.empty_like(src)
     fns["copy"] = lambda: dst.copy_(src)
-    res.ms = median_ms(fns, min_run_time)
+    t = Timings(fns, min_run_time)
+    res.ms = t.ms
     res.copy_ms = res.ms.pop("copy")
+    res.speedup = {f"{i} {p}": t.ratio(f"{i} {p}", f"fastnorm {p}") for i in impls for p in ("fwd", "fwd+bwd")}
     return res
 
 
@@ -186,7 +198,7 @@ def format_results(results, impls):
             cells = [r.name, r.dtype, r.layout]
             for p in ("fwd", "fwd+bwd"):
                 cells += [f"{r.ms[f'{i} {p}']:.3f}" for i in impls]
-                cells += [f"{r.ms[f'{i} {p}'] / r.ms[f'fastnorm {p}']:.2f}" for i in impls if i != "fastnorm"]
+                cells += [f"{r.speedup[f'{i} {p}']:.2f}" for i in impls if i != "fastnorm"]
             achieved = gbps(r.bytes["fwd+bwd"], r.ms["fastnorm fwd+bwd"])
             copy_bw = gbps(r.bytes["fwd"], r.copy_ms)  # a copy moves what a forward must: read + write
             cells += [f"{achieved:.1f}", f"{100 * achieved / copy_bw:.0f}%"]
@@ -200,7 +212,7 @@ def format_results(results, impls):
                 if i == "fastnorm":
                     continue
                 for p in ("fwd", "fwd+bwd"):
-                    sp = [r.ms[f"{i} {p}"] / r.ms[f"fastnorm {p}"] for r in sel]
+                    sp = [r.speedup[f"{i} {p}"] for r in sel]
                     parts.append(f"vs {i} {p} {geomean(sp):.2f}x (min {min(sp):.2f}x)")
             lines.append(f"- {grp[0]}, {grp[1]}, {grp[2]} ({len(sel)} cases): " + "; ".join(parts))
         lines.append("")
@@ -224,6 +236,7 @@ class WNResult:
     dtype: str
     device: str
     ms: dict = field(default_factory=dict)
+    ratios: dict = field(default_factory=dict)  # the table's ratio columns (paired, Timings.ratio)
 
 
 def wn_suite(quick):
@@ -261,7 +274,11 @@ def run_wn_case(case, device, min_run_time):
         g = torch.randn_like(plain(x))
         fns = {f"{impl} fwd+bwd": (lambda layer=layer: torch.autograd.grad(layer(x), [x] + list(layer.parameters()), g))
                for impl, layer in layers.items()}
-        res.ms = median_ms(fns, min_run_time)
+        t = Timings(fns, min_run_time)
+        res.ms = t.ms
+        res.ratios = {"x vs torch fwd+bwd": t.ratio("torch fwd+bwd", "fastnorm fwd+bwd"),
+                      "fastnorm / plain": t.ratio("fastnorm fwd+bwd", "plain fwd+bwd"),
+                      "torch / plain": t.ratio("torch fwd+bwd", "plain fwd+bwd")}
         return res
     v = torch.randn(shape, device=device, dtype=dtype)
     d = -1 if dim is None else dim
@@ -278,7 +295,10 @@ def run_wn_case(case, device, min_run_time):
         fns[f"{impl} fwd+bwd"] = lambda fn=fn, vr=vr, gr=gr, gw=gw: torch.autograd.grad(fn(vr, gr), (vr, gr), gw)
     dst = torch.empty_like(v)
     fns["copy"] = lambda: dst.copy_(v)
-    res.ms = median_ms(fns, min_run_time)
+    t = Timings(fns, min_run_time)
+    res.ms = t.ms
+    res.ratios = {"x vs torch fwd": t.ratio("torch fwd", "fastnorm fwd"), "fwd / copy": t.ratio("fastnorm fwd", "copy"),
+                  "x vs torch fwd+bwd": t.ratio("torch fwd+bwd", "fastnorm fwd+bwd")}
     return res
 
 
@@ -291,16 +311,16 @@ def format_wn_results(results):
                   "torch fwd+bwd ms | x vs torch | layer: plain fwd+bwd ms | fastnorm / plain | torch / plain |",
                   "|" + "---|" * 12]
         for r in rows:
-            m = r.ms
+            m, q = r.ms, r.ratios
             if "plain fwd+bwd" in m:
                 cells = [r.name, r.dtype, "", "", "", "", f"{m['fastnorm fwd+bwd']:.3f}", f"{m['torch fwd+bwd']:.3f}",
-                         f"{m['torch fwd+bwd'] / m['fastnorm fwd+bwd']:.2f}", f"{m['plain fwd+bwd']:.3f}",
-                         f"{m['fastnorm fwd+bwd'] / m['plain fwd+bwd']:.2f}", f"{m['torch fwd+bwd'] / m['plain fwd+bwd']:.2f}"]
+                         f"{q['x vs torch fwd+bwd']:.2f}", f"{m['plain fwd+bwd']:.3f}",
+                         f"{q['fastnorm / plain']:.2f}", f"{q['torch / plain']:.2f}"]
             else:
                 cells = [r.name, r.dtype, f"{m['fastnorm fwd']:.3f}", f"{m['torch fwd']:.3f}",
-                         f"{m['torch fwd'] / m['fastnorm fwd']:.2f}", f"{m['fastnorm fwd'] / m['copy']:.2f}",
+                         f"{q['x vs torch fwd']:.2f}", f"{q['fwd / copy']:.2f}",
                          f"{m['fastnorm fwd+bwd']:.3f}", f"{m['torch fwd+bwd']:.3f}",
-                         f"{m['torch fwd+bwd'] / m['fastnorm fwd+bwd']:.2f}", "", "", ""]
+                         f"{q['x vs torch fwd+bwd']:.2f}", "", "", ""]
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)

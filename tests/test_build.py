@@ -106,4 +106,16 @@ def test_bench_quick_smoke(tmp_path):
 
     data = json.loads(out.read_text())
     assert data["results"] and all(res["ms"]["fastnorm fwd"] > 0 for res in data["results"])
+    assert all(res["speedup"]["torch fwd+bwd"] > 0 for res in data["results"])
+    assert data["weight_norm"] and all(q > 0 for res in data["weight_norm"] for q in res["ratios"].values())
     assert "x vs torch fwd" in r.stdout
+
+
+def test_bench_ratio_pairs_rounds():
+    """A ratio is the median of the per-round ratios, not the ratio of the medians: two of
+    the three rounds agree on 0.5, the medians' ratio (5 / 3) would follow the odd round."""
+    from fastnorm.bench import Timings
+
+    t = object.__new__(Timings)
+    t.rounds = {"a": [1.0, 5.0, 9.0], "b": [2.0, 3.0, 18.0]}
+    assert t.ratio("a", "b") == 0.5  # the medians' ratio would be 5 / 3
