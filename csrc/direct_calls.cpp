@@ -43,7 +43,8 @@ struct Direct<R(Args...)> {
 
 // w alone, dim as torch's weight norm takes it (None or -1: the whole tensor; negative: from
 // the end), for fastnorm.functional.weight_norm and the parametrization: the Python side
-// is then one call, and the norms never become a Python object.
+// is then one call, and the norms never become a Python object. The dim handling mirrors
+// wn_dim in fastnorm/_ops.py (the torch.ops path), error included.
 void bind_weight_norm_w(pybind11::module& m) {
   using Fn = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, int64_t, double);
   const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fastnorm::weight_norm", "").typed<Fn>();

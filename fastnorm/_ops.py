@@ -42,6 +42,7 @@ class calls:
     batch_norm_train = staticmethod(_fast_call("batch_norm_train"))
     batch_norm_elemt = staticmethod(_fast_call("batch_norm_elemt"))
 
+
 def weight_norm_w(v, g, dim, eps):
     """w of the weight norm alone (``calls.weight_norm(...)[0]``), dim as the public API takes
     it (None, negative), by the direct path where ``_fast_call`` would take it: one Python

@@ -273,7 +273,7 @@ class _ScaledOutput(torch.autograd.Function):
             if need_x:
                 grad_x = grad_ys.matmul(v.to(grad_ys.dtype))
             if need_v:  # (c / n) * v is the weight norm of v with magnitudes c: one fused pass
-                grad_v = calls.weight_norm(v, c, 0, eps)[0]
+                grad_v = weight_norm_w(v, c, 0, eps)
                 channels = grad_y.shape[-1]
                 grad_v.addmm_(grad_ys.reshape(-1, channels).t().to(v.dtype), x.reshape(-1, x.shape[-1]).to(v.dtype))
         elif need_x or need_v:
