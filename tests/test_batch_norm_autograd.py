@@ -64,6 +64,36 @@ def test_partial_requires_grad():
     assert x.grad is not None
 
 
+def test_backward_fills_no_zero_gradients():
+    """The statistics' gradients (never used) are not materialized: the backward is the
+    backward op alone, and its gradients match torch's."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x = torch.randn(4, 3, 5, 2, requires_grad=True)
+    w, b = torch.rand(3, requires_grad=True), torch.randn(3, requires_grad=True)
+    g = torch.randn_like(x)
+    for training in (True, False):
+        out = fastnorm.functional.batch_norm(x, torch.zeros(3), torch.ones(3), w, b, training=training)
+        with Record() as mode:
+            grads = torch.autograd.grad(out, (x, w, b), g)
+        assert "fastnorm.batch_norm_backward.default" in mode.seen
+        assert not [op for op in mode.seen if "zero" in op or "fill" in op], mode.seen
+        xr, wr, br = (t.detach().double().requires_grad_() for t in (x, w, b))
+        ref = torch.nn.functional.batch_norm(xr, torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64),
+                                             wr, br, training=training)
+        for got, want in zip(grads, torch.autograd.grad(ref, (xr, wr, br), g.double())):
+            torch.testing.assert_close(got, want.float())
+
+
 def _op_samples(device):
     x = torch.randn(4, 3, 5, 6, device=device)
     xcl = x.to(memory_format=torch.channels_last)

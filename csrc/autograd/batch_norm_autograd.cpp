@@ -181,6 +181,9 @@ class BatchNormTrain : public torch::autograd::Function<BatchNormTrain> {
     store_epilogue(ctx, eps, act, slope, given(residual));
     store_edges(ctx, {{"input", true}, {"weight", given(weight)}, {"bias", given(bias)}, {"residual", given(residual)}});
     ctx->mark_non_differentiable({mean, var});
+    // The gradients of mean and var are never used: left undefined, not filled with zeros
+    // (two allocations and fills per backward). backward_from_saved handles an undefined dy.
+    ctx->set_materialize_grads(false);
     return {out, mean, var};
   }
 
@@ -209,6 +212,7 @@ class BatchNormElemt : public torch::autograd::Function<BatchNormElemt> {
     store_epilogue(ctx, eps, act, slope, given(residual));
     store_edges(ctx, {{"input", true}, {"mean", true}, {"var", true}, {"weight", given(weight)}, {"bias", given(bias)},
                       {"residual", given(residual)}});
+    ctx->set_materialize_grads(false);  // an undefined dy gives undefined gradients, no zeros
     return {out};
   }
 
