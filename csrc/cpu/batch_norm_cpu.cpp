@@ -599,6 +599,44 @@ struct RepeatedSlots {
   }
 };
 
+// Row groups of exactly one vector step (16 channels of float32 under AVX512, or fewer
+// that divide it): every step of a span sees the same coefficients, held in registers, so
+// a span may cover any number of rows. One call per block of rows instead of one per row
+// of a few values.
+template <typename scalar_t>
+struct OneStep {
+  using L = Lanes<scalar_t>;
+  using Vec = typename L::Vec;
+  Vec v[kSlots][L::kVecs];
+  OneStep(const Repeated<typename L::acc_t>& r, int used) {
+    for (int k = 0; k < used; ++k) {
+      for (int64_t j = 0; j < L::kVecs; ++j) v[k][j] = r.at(k, j * Vec::size());
+    }
+  }
+  Vec at(int k, int64_t p) const {
+    if constexpr (L::kVecs == 1) {
+      return v[k][0];
+    } else {
+      return v[k][(p / Vec::size()) % L::kVecs];
+    }
+  }
+};
+
+// The element pass of the channels-innermost layout over rows [0, M) in nb blocks of rpb
+// rows: f(offset, length, coefficients) for each span, the `used` slots of rs.
+template <typename scalar_t, typename F>
+void row_element_pass(const RowGroups& G, const RepeatedSlots<typename Lanes<scalar_t>::acc_t>& rs, int used,
+                      int64_t M, int64_t rpb, int64_t nb, F&& f) {
+  parallel_write(0, nb, grain_for(rpb * G.C), [&](int64_t b0, int64_t b1) {
+    const int64_t r0 = b0 * rpb, r1 = std::min(M, b1 * rpb);
+    if (G.width == Lanes<scalar_t>::kWidth) {
+      f(r0 * G.C, (r1 - r0) * G.C, OneStep<scalar_t>(rs.cf, used));
+    } else {
+      row_spans(G, r0, r1, [&](int64_t off, int64_t len) FASTNORM_INLINE_LAMBDA { f(off, len, rs.cf); });
+    }
+  });
+}
+
 // ---------------------------------------------------------------------------------------
 // Statistics (with an optional fused normalization) in both layouts.
 
@@ -679,11 +717,10 @@ template <typename scalar_t, Activation A>
 void normalize_rows(const Tensors<scalar_t>& T, const RowGroups& G, int64_t M, int64_t rpb, int64_t nb,
                     const std::vector<typename Lanes<scalar_t>::acc_t>& slots) {
   const RepeatedSlots<typename Lanes<scalar_t>::acc_t> rs(G, kShift + 1, slots);
-  parallel_write(0, nb, grain_for(rpb * G.C), [&](int64_t b0, int64_t b1) {
-    row_spans(G, b0 * rpb, std::min(M, b1 * rpb), [&](int64_t off, int64_t len) {
-      T.template normalize<A>(off, len, rs.cf);
-    });
-  });
+  row_element_pass<scalar_t>(G, rs, kShift + 1, M, rpb, nb,
+                             [&](int64_t off, int64_t len, const auto& cf) FASTNORM_INLINE_LAMBDA {
+                               T.template normalize<A>(off, len, cf);
+                             });
 }
 
 double momentum_factor(const TrainArgs& a) {
@@ -845,11 +882,10 @@ void backward_impl(const BackwardArgs& a, bool reduce, bool elemt, std::vector<t
   }
   if (elemt) {
     const RepeatedSlots<acc_t> rs(G, kC + 1, slots);
-    parallel_write(0, nb, grain_for(rpb * L.C), [&](int64_t b0, int64_t b1) {
-      row_spans(G, b0 * rpb, std::min(M, b1 * rpb), [&](int64_t off, int64_t len) {
-        T.template grad_input<A>(off, len, rs.cf);
-      });
-    });
+    row_element_pass<scalar_t>(G, rs, kC + 1, M, rpb, nb,
+                               [&](int64_t off, int64_t len, const auto& cf) FASTNORM_INLINE_LAMBDA {
+                                 T.template grad_input<A>(off, len, cf);
+                               });
   }
 }
 
