@@ -3,6 +3,7 @@ import os
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastnorm
 
@@ -13,6 +14,18 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 from fastnorm.reference import TOLERANCES  # noqa: E402
 FLOAT_DTYPES = list(TOLERANCES)
 LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+class RecordDispatch(TorchDispatchMode):
+    """A dispatch mode that records the name of every op it sees (``seen``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
 
 
 def pytest_addoption(parser):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fastnorm
-from conftest import DEVICES, with_layout
+from conftest import DEVICES, RecordDispatch, with_layout
 
 ACTIVATIONS = [(None, 0.01), ("relu", 0.01), ("leaky_relu", 0.2), ("leaky_relu", -0.3), ("silu", 0.01)]
 
@@ -67,23 +67,12 @@ def test_partial_requires_grad():
 def test_backward_fills_no_zero_gradients():
     """The statistics' gradients (never used) are not materialized: the backward is the
     backward op alone, and its gradients match torch's."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Record(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.seen = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.seen.append(str(func))
-            return func(*args, **(kwargs or {}))
-
     x = torch.randn(4, 3, 5, 2, requires_grad=True)
     w, b = torch.rand(3, requires_grad=True), torch.randn(3, requires_grad=True)
     g = torch.randn_like(x)
     for training in (True, False):
         out = fastnorm.functional.batch_norm(x, torch.zeros(3), torch.ones(3), w, b, training=training)
-        with Record() as mode:
+        with RecordDispatch() as mode:
             grads = torch.autograd.grad(out, (x, w, b), g)
         assert "fastnorm.batch_norm_backward.default" in mode.seen
         assert not [op for op in mode.seen if "zero" in op or "fill" in op], mode.seen

@@ -9,12 +9,11 @@ import numpy as np
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastnorm
 from fastnorm._ops import calls, ops, weight_norm_w
 
-from conftest import DEVICES
+from conftest import DEVICES, RecordDispatch
 
 
 def _args(name, device):
@@ -111,16 +110,6 @@ class _RecordFunctions(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-class _RecordDispatch(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.seen = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.seen.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 def test_torch_function_mode_sees_the_op():
     v, g = torch.randn(4, 3), torch.rand(4, 1)
     with _RecordFunctions() as mode:
@@ -135,7 +124,7 @@ def test_dispatch_mode_sees_forward_and_backward():
     v = torch.randn(4, 3, requires_grad=True)
     g = torch.rand(4, 1, requires_grad=True)
     grad_w = torch.randn(4, 3)
-    with _RecordDispatch() as mode:
+    with RecordDispatch() as mode:
         w = fastnorm.functional.weight_norm(v, g)
         w.backward(grad_w)
     assert "fastnorm.weight_norm.default" in mode.seen
