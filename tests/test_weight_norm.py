@@ -41,6 +41,8 @@ CASES = [  # shape, dim: 0, last, middle, negative, whole tensor (None and -1)
     # the CPU kernel's paths: slices of single values or short runs (scalar), runs of 40;
     # short runs walked by rows over several row blocks and column chunks, inner 1 and 3
     ((1, 50), 1), ((500, 3), 0), ((4, 70, 40), 1), ((300, 4100), 1), ((600, 40, 3), 1),
+    # slices taken one at a time (dim 0, runs of 32 values or more), forward too up to 64
+    ((40, 48), 0), ((300, 2, 16), 0), ((64, 200), 0),
 ]
 
 

@@ -33,6 +33,14 @@ FASTNORM_HD inline WeightNormGrad<T> wn_grad(double g, double norm, double dot) 
   return {T(dot * inv), T(g * inv), c_hi, T(c - double(c_hi))};
 }
 
+// The same coefficients in T alone (torch's kernels' rounding), c_lo zero: for slices long
+// enough that the cancellation is no concern. One division instead of a float64 chain.
+template <typename T>
+FASTNORM_HD inline WeightNormGrad<T> wn_grad_plain(T g, T norm, T dot) {
+  const T inv = T(1) / norm, grad_g = dot * inv;
+  return {grad_g, g * inv, -grad_g * inv, T(0)};
+}
+
 // One value of grad_v.
 template <typename T>
 FASTNORM_HD inline T wn_grad_v(const WeightNormGrad<T>& k, T grad_w, T v) {
