@@ -593,8 +593,7 @@ template <typename acc_t>
 struct RepeatedSlots {
   PositionTable<acc_t> table;
   Repeated<acc_t> cf;
-  int used;
-  RepeatedSlots(const RowGroups& G, int used_, const std::vector<acc_t>& slots) : table(G.width, used_), used(used_) {
+  RepeatedSlots(const RowGroups& G, int64_t used, const std::vector<acc_t>& slots) : table(G.width, used) {
     for (int64_t k = 0; k < used; ++k) fill_column(table, k, G, slots.data() + k, kSlots);
     cf = table.repeated({0, 1, 2, 3, 4, 5});
   }
@@ -609,9 +608,9 @@ struct OneStep {
   using L = Lanes<scalar_t>;
   using Vec = typename L::Vec;
   Vec v[kSlots][L::kVecs];
-  explicit OneStep(const RepeatedSlots<typename L::acc_t>& rs) {
-    for (int k = 0; k < rs.used; ++k) {
-      for (int64_t j = 0; j < L::kVecs; ++j) v[k][j] = rs.cf.at(k, j * Vec::size());
+  OneStep(const Repeated<typename L::acc_t>& r, int used) {
+    for (int k = 0; k < used; ++k) {
+      for (int64_t j = 0; j < L::kVecs; ++j) v[k][j] = r.at(k, j * Vec::size());
     }
   }
   Vec at(int k, int64_t p) const {
@@ -624,14 +623,14 @@ struct OneStep {
 };
 
 // The element pass of the channels-innermost layout over rows [0, M) in nb blocks of rpb
-// rows: f(offset, length, coefficients) for each span, the coefficients those of rs.
+// rows: f(offset, length, coefficients) for each span, the `used` slots of rs.
 template <typename scalar_t, typename F>
-void row_element_pass(const RowGroups& G, const RepeatedSlots<typename Lanes<scalar_t>::acc_t>& rs, int64_t M,
-                      int64_t rpb, int64_t nb, F&& f) {
+void row_element_pass(const RowGroups& G, const RepeatedSlots<typename Lanes<scalar_t>::acc_t>& rs, int used,
+                      int64_t M, int64_t rpb, int64_t nb, F&& f) {
   parallel_write(0, nb, grain_for(rpb * G.C), [&](int64_t b0, int64_t b1) {
     const int64_t r0 = b0 * rpb, r1 = std::min(M, b1 * rpb);
     if (G.width == Lanes<scalar_t>::kWidth) {
-      f(r0 * G.C, (r1 - r0) * G.C, OneStep<scalar_t>(rs));
+      f(r0 * G.C, (r1 - r0) * G.C, OneStep<scalar_t>(rs.cf, used));
     } else {
       row_spans(G, r0, r1, [&](int64_t off, int64_t len) FASTNORM_INLINE_LAMBDA { f(off, len, rs.cf); });
     }
@@ -718,7 +717,7 @@ template <typename scalar_t, Activation A>
 void normalize_rows(const Tensors<scalar_t>& T, const RowGroups& G, int64_t M, int64_t rpb, int64_t nb,
                     const std::vector<typename Lanes<scalar_t>::acc_t>& slots) {
   const RepeatedSlots<typename Lanes<scalar_t>::acc_t> rs(G, kShift + 1, slots);
-  row_element_pass<scalar_t>(G, rs, M, rpb, nb,
+  row_element_pass<scalar_t>(G, rs, kShift + 1, M, rpb, nb,
                              [&](int64_t off, int64_t len, const auto& cf) FASTNORM_INLINE_LAMBDA {
                                T.template normalize<A>(off, len, cf);
                              });
@@ -883,7 +882,7 @@ void backward_impl(const BackwardArgs& a, bool reduce, bool elemt, std::vector<t
   }
   if (elemt) {
     const RepeatedSlots<acc_t> rs(G, kC + 1, slots);
-    row_element_pass<scalar_t>(G, rs, M, rpb, nb,
+    row_element_pass<scalar_t>(G, rs, kC + 1, M, rpb, nb,
                                [&](int64_t off, int64_t len, const auto& cf) FASTNORM_INLINE_LAMBDA {
                                  T.template grad_input<A>(off, len, cf);
                                });
