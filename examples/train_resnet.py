@@ -96,6 +96,17 @@ def steps_within(losses, reference, tol=1e-4):
 
 
 def compare(args, device):
+    # Full float32 on the GPU: cuDNN's default TF32 convolutions round their inputs to 10
+    # bits, so the two float32 runs would part by far more than rounding from the first step.
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        return _compare(args, device)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def _compare(args, device):
     torch.manual_seed(args.seed)
     base = ResNet(args.classes)
     theirs = copy.deepcopy(base)
