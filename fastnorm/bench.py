@@ -150,6 +150,9 @@ def run_case(case, device, min_run_time, compile_torch):
     g = torch.randn_like(x)
     impls = {"fastnorm": _fastnorm_bn, "torch": _torch_bn}
     if compile_torch:
+        # Every case is a new shape: without a reset dynamo recompiles the same function, and
+        # past its recompile limit it would quietly run torch eagerly under the "compile" name.
+        torch._dynamo.reset()
         impls["compile"] = torch.compile(_torch_bn, dynamic=False)
 
     res = Result(case.name, list(case.shape), case.layout, str(case.dtype).replace("torch.", ""), case.group,
@@ -337,6 +340,8 @@ def main(argv):
                    help="also time torch.compile of torch's batch norm (default: on CUDA only)")
     p.add_argument("--no-compile", dest="compile", action="store_false")
     p.add_argument("--filter", default="", help="only cases whose name contains this")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="only batch-norm cases of this dtype")
+    p.add_argument("--layout", choices=["contiguous", "channels_last"], help="only batch-norm cases of this layout")
     p.add_argument("--suite", choices=["all", "batch_norm", "weight_norm"], default="all",
                    help="which op family to time")
     p.add_argument("--min-run-time", type=float, default=None, help="seconds per measurement")
@@ -354,7 +359,8 @@ def main(argv):
     for device in devices:
         batch = args.batch or (32 if device == "cpu" else 64)
         cases = quick_suite() if args.quick else default_suite(batch)
-        cases = [c for c in cases if args.filter in c.name]
+        cases = [c for c in cases if args.filter in c.name and args.layout in (None, c.layout)
+                 and args.dtype in (None, str(c.dtype).replace("torch.", ""))]
         compile_torch = args.compile if args.compile is not None else device == "cuda"
         if compile_torch and "compile" not in impls_seen:
             impls_seen.append("compile")
@@ -368,6 +374,7 @@ def main(argv):
             results.append(r)
             print(f"  {case.name:24s} {r.dtype:8s} {r.layout:13s} "
                   + "  ".join(f"{k} {v:.3f}ms" for k, v in r.ms.items()), flush=True)
+            write_results(args, argv, results, wn_results, impls_seen, machines, heap_kept)
         if args.suite != "batch_norm":
             for case in wn_suite(args.quick):
                 if args.filter in case[0]:
@@ -376,15 +383,23 @@ def main(argv):
                     wn_results.append(r)
                     print(f"  {r.name:34s} {r.dtype:8s} " + "  ".join(f"{k} {v:.3f}ms" for k, v in r.ms.items()),
                           flush=True)
+                    write_results(args, argv, results, wn_results, impls_seen, machines, heap_kept)
+    write_results(args, argv, results, wn_results, impls_seen, machines, heap_kept, echo=True)
+    return 0
+
+
+def write_results(args, argv, results, wn_results, impls_seen, machines, heap_kept, echo=False):
+    """The tables (printed when ``echo``) and the --markdown/--json files, from the cases so far."""
     impls = [i for i in impls_seen if all(f"{i} fwd" in r.ms for r in results)]
     table = (format_results(results, impls) if results else "") + "\n" + format_wn_results(wn_results)
     header = (f"fastnorm {fastnorm.__version__}, torch {torch.__version__}, "
               f"{datetime.date.today().isoformat()}; "
               + "; ".join(f"{d}: {m}" for d, m in machines.items())
               + ("" if heap_kept else "; CPU times include page faults (allocator not configurable)"))
-    print()
-    print(header)
-    print(table)
+    if echo:
+        print()
+        print(header)
+        print(table)
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(f"# Benchmark\n\n{header}\n\nCommand: `python -m fastnorm bench {' '.join(argv)}`\n\n"
@@ -393,4 +408,3 @@ def main(argv):
         with open(args.json, "w") as f:
             json.dump({"header": header, "machines": machines, "results": [asdict(r) for r in results],
                        "weight_norm": [asdict(r) for r in wn_results]}, f, indent=1)
-    return 0
