@@ -278,6 +278,14 @@ def test_scaled_output_selection(make, x_shape, scaled):
     torch.testing.assert_close(y, theirs(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_no_scaled_output_on_cuda():
+    """On a GPU, w is materialized even where the CPU would scale the output."""
+    layer = fastnorm.weight_norm(nn.Linear(1024, 1024).cuda())
+    _, names = ops_run(lambda: layer(torch.randn(8, 1024, device="cuda")))
+    assert "fastnorm::weight_norm" in names and "fastnorm::weight_norm_norms" not in names
+
+
 SCALED_LAYERS = [  # layers that scale their output by g / ||v|| (with scaled_everywhere)
     ("linear", lambda dt: nn.Linear(40, 24, dtype=dt), (6, 40)),
     ("linear 3-d input", lambda dt: nn.Linear(40, 24, dtype=dt), (2, 3, 40)),
