@@ -43,6 +43,9 @@ CASES = [  # shape, dim: 0, last, middle, negative, whole tensor (None and -1)
     ((1, 50), 1), ((500, 3), 0), ((4, 70, 40), 1), ((300, 4100), 1), ((600, 40, 3), 1),
     # slices taken one at a time (dim 0, runs of 32 values or more), forward too up to 64
     ((40, 48), 0), ((300, 2, 16), 0), ((64, 200), 0),
+    # CUDA: slices too few to fill the GPU, shared by several blocks (on an H100/H200 the
+    # whole tensor takes 150 blocks in float32; 3 slices: 6 blocks each)
+    ((300, 4100), None), ((3, 50000), 0),
 ]
 
 
@@ -284,6 +287,35 @@ def test_no_scaled_output_on_cuda():
     layer = fastnorm.weight_norm(nn.Linear(1024, 1024).cuda())
     _, names = ops_run(lambda: layer(torch.randn(8, 1024, device="cuda")))
     assert "fastnorm::weight_norm" in names and "fastnorm::weight_norm_norms" not in names
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("dim", [None, 0, 1], ids=["whole (blocks share the slice)", "dim 0", "last dim"])
+def test_cuda_graph_capture(dim):
+    """Every CUDA kernel (the cooperative launch of shared slices too) replays from a graph."""
+    v, g = make_vg((300, 4100), dim, torch.float32, "cuda")
+    gw = torch.randn_like(v)
+    vr, gr = v.clone().requires_grad_(), g.clone().requires_grad_()
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up on a side stream, as torch's docs ask
+        fastnorm.functional.weight_norm(vr, gr, dim).backward(gw)
+    torch.cuda.current_stream().wait_stream(stream)
+    vr.grad = gr.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        w = fastnorm.functional.weight_norm(vr, gr, dim)
+        gv, gg = torch.autograd.grad(w, (vr, gr), gw)
+    v.mul_(1.5).add_(0.25)  # new values in the captured inputs
+    with torch.no_grad():
+        vr.copy_(v)
+    graph.replay()
+    torch.cuda.synchronize()
+    d = torch_dim(2, dim)
+    ref = run(lambda a, b: torch._weight_norm(a, b, d), v.cpu(), g.cpu(), gw.cpu(), upcast=True)
+    for name, o, r in zip(["w", "grad v", "grad g"], (w, gv, gg), ref):
+        assert_close_to_reference(o.cpu(), r, torch.float32, what=name)
 
 
 SCALED_LAYERS = [  # layers that scale their output by g / ||v|| (with scaled_everywhere)

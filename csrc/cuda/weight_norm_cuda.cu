@@ -1,12 +1,14 @@
-// Weight norm on CUDA: one launch per direction. A block owns whole slices: it reduces a
-// slice (sum of squares forward, sum of grad_w * v backward), then writes it while the
-// values are in L1/L2. Slices made of runs (dim 0, a middle dim, the whole tensor) take one
-// block each; last-dim slices (strided across rows) take tiles of columns.
+// Weight norm on CUDA: one launch per direction. A slice is reduced (sum of squares forward,
+// sum of grad_w * v backward), then written while its values are in L1/L2. Slices made of
+// runs (dim 0, a middle dim) take one block each; when they are too few to fill the GPU (the
+// whole tensor is one slice) several blocks share a slice and meet at a grid-wide barrier
+// (a cooperative launch); last-dim slices (strided across rows) take tiles of columns.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
+#include <cooperative_groups.h>
 
 #include <algorithm>
 #include <type_traits>
@@ -47,11 +49,10 @@ struct Pointers {
 };
 
 // What a slice's reduction adds for one value, and the write of one value once the slice's
-// total is known. Totals accumulate in float64, as the CPU's chunk totals do: one block
-// reduces a whole slice, so each thread adds outer * inner / 256 values in sequence (a
-// whole-tensor norm: millions), and in the backward a slice (nearly) parallel to its
-// gradient cancels in grad_v, where the dot's precision sets the result's. The kernels are
-// bound by memory, not by the float64 adds.
+// total is known. Totals accumulate in float64, as the CPU's chunk totals do: a thread adds
+// thousands of values in sequence where one block (or a few) reduces a long slice, and in the
+// backward a slice (nearly) parallel to its gradient cancels in grad_v, where the dot's
+// precision sets the result's. The kernels are bound by memory, not by the float64 adds.
 template <Mode M, typename scalar_t, typename acc_t>
 struct SliceMath {
   using red_t = double;
@@ -71,16 +72,16 @@ struct SliceMath {
     return s;
   }
   // Per-slice coefficients from the total: the scale forward, wn_grad backward (in float64:
-  // once per slice).
+  // once per slice). `store`: this block writes the slice's norm or grad_g.
   static __device__ __forceinline__ WeightNormGrad<acc_t> finish(const Pointers<scalar_t, acc_t>& p, int64_t d,
-                                                                 red_t total) {
+                                                                 red_t total, bool store = true) {
     if constexpr (M == Mode::Backward) {
       const auto k = wn_grad<acc_t>(double(p.g[d]), double(p.norm[d]), double(total));
-      p.grad_g[d] = k.grad_g;
+      if (store) p.grad_g[d] = k.grad_g;
       return k;
     } else {
       const double n = wn_norm<double>(double(total), p.eps);  // as the CPU: in float64, then rounded
-      p.norm[d] = acc_t(n);
+      if (store) p.norm[d] = acc_t(n);
       return {acc_t(0), M == Mode::Forward ? acc_t(double(p.g[d]) / n) : acc_t(0), acc_t(0), acc_t(0)};
     }
   }
@@ -132,18 +133,63 @@ __global__ void __launch_bounds__(kThreads)
   for (uint32_t t = threadIdx.x; t < packs; t += blockDim.x) Math::template write<VEC>(p, offset(t), k);
 }
 
-// Last-dim slices: `outer` rows of D values, slice d the column d. A block takes a tile of
-// blockDim.x columns; threadIdx.y walks the rows.
-template <Mode M, typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads) column_kernel(Pointers<scalar_t, acc_t> p, int64_t outer, int64_t D) {
+// Slices as in slice_kernel, `parts` blocks to a slice: block b takes part b % parts of
+// slice b / parts (every parts-th group of blockDim.x packs). The parts' totals go through
+// `partial` (one per block) and a grid-wide barrier, so the launch must be cooperative, with
+// every block resident. Every block of a slice then sums the same parts in the same order
+// (the same total, to the bit) and writes its own part; the first also stores the norm or
+// grad_g.
+template <Mode M, int VEC, typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    split_slice_kernel(Pointers<scalar_t, acc_t> p, int64_t outer, int64_t D, int64_t inner, uint32_t parts,
+                       at::cuda::detail::IntDivider<uint32_t> div_packs, double* partial) {
   using Math = SliceMath<M, scalar_t, acc_t>;
   using red_t = typename Math::red_t;
-  __shared__ red_t partial[kThreads];
-  __shared__ WeightNormGrad<acc_t> coef[kThreads];
+  static_assert(std::is_same_v<red_t, double>, "partial holds float64 totals");
+  __shared__ Sum<red_t> shared[kWarpSize];
+  __shared__ WeightNormGrad<acc_t> coef;
+  const int64_t d = blockIdx.x / parts;
+  const uint32_t part = blockIdx.x % parts;
+  const uint32_t packs = uint32_t(outer * (inner / VEC));
+  const uint32_t first = part * blockDim.x + threadIdx.x, step = parts * blockDim.x;
+  auto offset = [&](uint32_t t) {
+    const auto q = div_packs.divmod(t);
+    return (int64_t(q.div) * D + d) * inner + int64_t(q.mod) * VEC;
+  };
+  red_t s = 0;
+  for (uint32_t t = first; t < packs; t += step) s += Math::template contribution<VEC>(p, offset(t));
+  const Sum<red_t> mine = block_reduce(Sum<red_t>{s}, add<red_t>, Sum<red_t>{red_t(0)}, shared);
+  if (threadIdx.x == 0) partial[blockIdx.x] = mine.s;
+  cooperative_groups::this_grid().sync();
+  red_t t = 0;
+  for (uint32_t k = threadIdx.x; k < parts; k += blockDim.x) t += __ldcg(partial + d * parts + k);
+  const Sum<red_t> total = block_reduce(Sum<red_t>{t}, add<red_t>, Sum<red_t>{red_t(0)}, shared);
+  if (threadIdx.x == 0) coef = Math::finish(p, d, total.s, part == 0);
+  __syncthreads();
+  if constexpr (M == Mode::Norms) return;
+  const WeightNormGrad<acc_t> k = coef;
+  for (uint32_t t = first; t < packs; t += step) Math::template write<VEC>(p, offset(t), k);
+}
+
+// Last-dim slices: `outer` rows of D values, slice d the column d. A block takes a tile of
+// blockDim.x columns; threadIdx.y walks the rows. Blocks of 1024 threads, and four rows in
+// flight per thread: a thread issues one 4-byte access per row, so it takes many threads and
+// loads in flight to keep memory busy (with 256 threads, 4096x4096 float32 ran at 0.19x of
+// torch on an H200).
+constexpr int kColumnThreads = 1024, kColumnMaxWidth = 256;
+
+template <Mode M, typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kColumnThreads)
+    column_kernel(Pointers<scalar_t, acc_t> p, int64_t outer, int64_t D) {
+  using Math = SliceMath<M, scalar_t, acc_t>;
+  using red_t = typename Math::red_t;
+  __shared__ red_t partial[kColumnThreads];
+  __shared__ WeightNormGrad<acc_t> coef[kColumnMaxWidth];
   const int tx = threadIdx.x, ty = threadIdx.y, TX = blockDim.x, TY = blockDim.y;
   const int64_t d = int64_t(blockIdx.x) * TX + tx;
   red_t s = 0;
   if (d < D) {
+#pragma unroll 4
     for (int64_t r = ty; r < outer; r += TY) s += Math::template contribution<1>(p, r * D + d);
   }
   partial[ty * TX + tx] = s;
@@ -157,7 +203,32 @@ __global__ void __launch_bounds__(kThreads) column_kernel(Pointers<scalar_t, acc
   if constexpr (M == Mode::Norms) return;
   if (d >= D) return;
   const WeightNormGrad<acc_t> k = coef[tx];
+#pragma unroll 4
   for (int64_t r = ty; r < outer; r += TY) Math::template write<1>(p, r * D + d, k);
+}
+
+// Blocks to a slice for split_slice_kernel, or 1 where one block per slice fills the GPU
+// (or the slice is too short to share): the resident blocks over the slices, with at least
+// kMinPacksPerThread packs for each thread.
+constexpr int64_t kMinPacksPerThread = 8;
+
+template <typename Kernel>
+uint32_t parts_per_slice(Kernel kernel, int64_t D, int64_t packs) {
+  const auto* prop = at::cuda::getCurrentDeviceProperties();
+  const int64_t most_resident = int64_t(prop->maxThreadsPerMultiProcessor / kThreads) * prop->multiProcessorCount;
+  // The usual case returns here, before the occupancy query: slices enough to fill the GPU.
+  if (2 * D > most_resident || packs < 2 * kThreads * kMinPacksPerThread || !prop->cooperativeLaunch) return 1;
+#if defined(CUDART_VERSION) && CUDART_VERSION < 12000
+  // Before CUDA 12 a cooperative launch could not be captured into a graph.
+  cudaStreamCaptureStatus capturing = cudaStreamCaptureStatusNone;
+  C10_CUDA_CHECK(cudaStreamIsCapturing(at::cuda::getCurrentCUDAStream(), &capturing));
+  if (capturing != cudaStreamCaptureStatusNone) return 1;
+#endif
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0));
+  const int64_t resident = int64_t(per_sm) * prop->multiProcessorCount;
+  const int64_t by_work = packs / (kThreads * kMinPacksPerThread);
+  return uint32_t(std::max<int64_t>(1, std::min(resident / std::max<int64_t>(D, 1), by_work)));
 }
 
 bool aligned16(const at::Tensor& t) { return !t.defined() || reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
@@ -181,7 +252,9 @@ void launch(const WeightNormArgs& a) {
                                       a.eps};
     const auto stream = at::cuda::getCurrentCUDAStream();
     if (a.inner == 1 && a.D > 1) {
-      const int tx = 32, ty = kThreads / tx;
+      int ty = 4;  // rows a block walks at once: a power of 2 (the tree over them), 4 to 32
+      while (ty < 32 && ty < a.outer) ty *= 2;
+      const int tx = kColumnThreads / ty;
       const int64_t blocks = (a.D + tx - 1) / tx;
       column_kernel<M, scalar_t, acc_t><<<blocks, dim3(tx, ty), 0, stream>>>(p, a.outer, a.D);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -195,9 +268,30 @@ void launch(const WeightNormArgs& a) {
     const bool wide = a.inner % V == 0 && aligned16(a.v) && aligned16(a.grad_w) && aligned16(a.w) && aligned16(a.grad_v);
     auto run = [&](auto vec) {
       constexpr int VEC = decltype(vec)::value;
-      slice_kernel<M, VEC, scalar_t, acc_t><<<a.D, kThreads, 0, stream>>>(
-          p, a.outer, a.D, a.inner, at::cuda::detail::IntDivider<uint32_t>(uint32_t(a.inner / VEC)));
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      const at::cuda::detail::IntDivider<uint32_t> div_packs(uint32_t(a.inner / VEC));
+      auto split = split_slice_kernel<M, VEC, scalar_t, acc_t>;
+      const uint32_t parts = parts_per_slice(split, a.D, a.outer * (a.inner / VEC));
+      if (parts == 1) {
+        slice_kernel<M, VEC, scalar_t, acc_t><<<a.D, kThreads, 0, stream>>>(p, a.outer, a.D, a.inner, div_packs);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        return;
+      }
+      auto partial = at::empty({a.D * parts}, a.v.options().dtype(at::kDouble));
+      double* partial_ptr = partial.data_ptr<double>();
+      int64_t outer = a.outer, D = a.D, inner = a.inner;
+      uint32_t parts_arg = parts;
+      at::cuda::detail::IntDivider<uint32_t> div_arg = div_packs;
+      Pointers<scalar_t, acc_t> p_arg = p;
+      void* args[] = {&p_arg, &outer, &D, &inner, &parts_arg, &div_arg, &partial_ptr};
+      const auto err = cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(split), dim3(uint32_t(a.D * parts)),
+                                                   dim3(kThreads), args, 0, stream);
+      if (err == cudaErrorCooperativeLaunchTooLarge) {  // fewer SMs than reported (MPS): one block a slice
+        (void)cudaGetLastError();
+        slice_kernel<M, VEC, scalar_t, acc_t><<<a.D, kThreads, 0, stream>>>(p, a.outer, a.D, a.inner, div_packs);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        return;
+      }
+      C10_CUDA_CHECK(err);
     };
     if (wide) {
       run(std::integral_constant<int, V>{});
