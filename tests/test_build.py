@@ -119,3 +119,19 @@ def test_bench_ratio_pairs_rounds():
     t = object.__new__(Timings)
     t.rounds = {"a": [1.0, 5.0, 9.0], "b": [2.0, 3.0, 18.0]}
     assert t.ratio("a", "b") == 0.5  # the medians' ratio would be 5 / 3
+
+
+@pytest.mark.skipif(shutil.which("nm") is None, reason="needs nm (binutils) to read the extension's symbols")
+def test_cxx_runtime_is_the_shared_one():
+    """The extension uses the process's libstdc++, as torch does: a second, static copy linked
+    into it crashed every error message that formats a number (one build on a GPU machine:
+    std::ostream::_M_insert<long> ran from inside _C.so and reached a codecvt facet)."""
+    from fastnorm import _C
+
+    symbols = subprocess.run(["nm", "--defined-only", _C.__file__], capture_output=True, text=True).stdout
+    dynamic = subprocess.run(["nm", "-D", "--defined-only", _C.__file__], capture_output=True, text=True).stdout
+    assert symbols or dynamic, "nm read no symbols from the extension"
+    for runtime_member in ("_ZNSo9_M_insertIlEERSoT_", "_ZNKSt7codecvtIDsc11__mbstate_tE10do_unshiftERS0_PcS3_RS3_"):
+        assert runtime_member not in symbols + dynamic, (
+            f"{_C.__file__} defines {runtime_member}, a member of libstdc++ itself: the C++ runtime was linked "
+            "statically (-static-libstdc++ in LDFLAGS or the compiler's defaults?); link it as a shared library")
