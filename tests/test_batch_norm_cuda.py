@@ -54,6 +54,16 @@ def test_odd_sizes_and_many_channels(shape, layout):
     compare_train(x, w, b)
 
 
+@pytest.mark.parametrize("shape", [(32, 64, 28, 28), (16, 24, 30, 30)], ids=["64 channels", "24 channels"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_channels_last_with_many_row_splits(shape, dtype):
+    """channels_last with every channel in one tile and the rows in ~200 splits: the tile's
+    last block merges the partials with several threads to a channel."""
+    x = (torch.randn(shape, device="cuda") * 2 + 3).to(dtype).to(memory_format=torch.channels_last)
+    w, b = torch.rand(shape[1], device="cuda") + 0.5, torch.randn(shape[1], device="cuda")
+    compare_train(x, w, b, dtype)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_unaligned_tensors_take_the_scalar_path(dtype):
     base = torch.randn(4 * 8 * 33 + 1, device="cuda").to(dtype)
