@@ -130,9 +130,24 @@ def extension():
                          extra_compile_args={"cxx": cxx, "nvcc": nvcc}, **kwargs)
 
 
+class BuildExt(BuildExtension):
+    """torch's builder, linking the C++ runtime as a shared library even where the toolchain's
+    flags ask for a static copy (-static-libstdc++ in LDFLAGS or Python's LDSHARED): torch's
+    own libraries use the process's libstdc++, and a second copy inside the extension crashes
+    on the first number it formats into a stream (two sets of locale facets)."""
+
+    def build_extensions(self):
+        for attr in ("linker_so", "linker_so_cxx", "linker_exe"):
+            cmd = getattr(self.compiler, attr, None)
+            if isinstance(cmd, list) and "-static-libstdc++" in cmd:
+                print(f"fastnorm: -static-libstdc++ dropped from the link ({attr})")
+                setattr(self.compiler, attr, [arg for arg in cmd if arg != "-static-libstdc++"])
+        super().build_extensions()
+
+
 setup(
     name="fastnorm",
     packages=find_packages(include=["fastnorm", "fastnorm.*"]),
     ext_modules=[extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExt.with_options(use_ninja=True)},
 )

@@ -19,8 +19,9 @@ echo "build: $((SECONDS - t0)) s"
 $py -m fastnorm info | tee "$out/info.txt"
 
 # An error message that formats a number crashed the process on one such machine (an H200
-# image, torch 2.11: std::ostream::_M_insert<long> ran from a copy inside _C.so): check
-# first, and print what the link looked like if it happens.
+# image, torch 2.11: std::ostream::_M_insert<long> ran from a copy of libstdc++ inside
+# _C.so; setup.py now drops -static-libstdc++): check first, and print what the link looked
+# like if it happens again.
 $py -c "import torch, fastnorm
 try:
     fastnorm.functional.batch_norm(torch.randn(4, 3, 5), None, None, torch.ones(4), None, training=True)
