@@ -106,64 +106,42 @@ struct SliceMath {
   }
 };
 
-// One block per slice d = blockIdx.x: `outer` runs of `inner` values, run o at
-// (o * D + d) * inner. Packs of VEC values when inner % VEC == 0 and every pointer is
-// 16-byte aligned (VEC is 1 otherwise).
-template <Mode M, int VEC, typename scalar_t, typename acc_t>
+// Slice d of `outer` runs of `inner` values, run o at (o * D + d) * inner. Packs of VEC
+// values when inner % VEC == 0 and every pointer is 16-byte aligned (VEC is 1 otherwise).
+// Without kShared, one block per slice (d = blockIdx.x). With kShared, `parts` blocks to a
+// slice: block b takes part b % parts of slice b / parts (every parts-th group of blockDim.x
+// packs); the parts' totals meet through `partial` (one per block) and a grid-wide barrier,
+// so the launch must be cooperative, with every block resident. Every block of a slice then
+// sums the same parts in the same order (the same total, to the bit) and writes its own
+// part; the first also stores the norm or grad_g.
+template <Mode M, int VEC, bool kShared, typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
-    slice_kernel(Pointers<scalar_t, acc_t> p, int64_t outer, int64_t D, int64_t inner,
-                 at::cuda::detail::IntDivider<uint32_t> div_packs) {
-  using Math = SliceMath<M, scalar_t, acc_t>;
-  using red_t = typename Math::red_t;
-  __shared__ Sum<red_t> shared[kWarpSize];
-  __shared__ WeightNormGrad<acc_t> coef;
-  const int64_t d = blockIdx.x;
-  const uint32_t packs = uint32_t(outer * (inner / VEC));
-  auto offset = [&](uint32_t t) {
-    const auto q = div_packs.divmod(t);
-    return (int64_t(q.div) * D + d) * inner + int64_t(q.mod) * VEC;
-  };
-  red_t s = 0;
-  for (uint32_t t = threadIdx.x; t < packs; t += blockDim.x) s += Math::template contribution<VEC>(p, offset(t));
-  const Sum<red_t> total = block_reduce(Sum<red_t>{s}, add<red_t>, Sum<red_t>{red_t(0)}, shared);
-  if (threadIdx.x == 0) coef = Math::finish(p, d, total.s);
-  __syncthreads();
-  if constexpr (M == Mode::Norms) return;
-  const WeightNormGrad<acc_t> k = coef;
-  for (uint32_t t = threadIdx.x; t < packs; t += blockDim.x) Math::template write<VEC>(p, offset(t), k);
-}
-
-// Slices as in slice_kernel, `parts` blocks to a slice: block b takes part b % parts of
-// slice b / parts (every parts-th group of blockDim.x packs). The parts' totals go through
-// `partial` (one per block) and a grid-wide barrier, so the launch must be cooperative, with
-// every block resident. Every block of a slice then sums the same parts in the same order
-// (the same total, to the bit) and writes its own part; the first also stores the norm or
-// grad_g.
-template <Mode M, int VEC, typename scalar_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads)
-    split_slice_kernel(Pointers<scalar_t, acc_t> p, int64_t outer, int64_t D, int64_t inner, uint32_t parts,
-                       at::cuda::detail::IntDivider<uint32_t> div_packs, double* partial) {
+    slice_kernel(Pointers<scalar_t, acc_t> p, int64_t outer, int64_t D, int64_t inner, uint32_t parts,
+                 at::cuda::detail::IntDivider<uint32_t> div_packs, double* partial) {
   using Math = SliceMath<M, scalar_t, acc_t>;
   using red_t = typename Math::red_t;
   static_assert(std::is_same_v<red_t, double>, "partial holds float64 totals");
   __shared__ Sum<red_t> shared[kWarpSize];
   __shared__ WeightNormGrad<acc_t> coef;
-  const int64_t d = blockIdx.x / parts;
-  const uint32_t part = blockIdx.x % parts;
+  const uint32_t n_parts = kShared ? parts : 1;
+  const int64_t d = blockIdx.x / n_parts;
+  const uint32_t part = blockIdx.x % n_parts;
   const uint32_t packs = uint32_t(outer * (inner / VEC));
-  const uint32_t first = part * blockDim.x + threadIdx.x, step = parts * blockDim.x;
+  const uint32_t first = part * blockDim.x + threadIdx.x, step = n_parts * blockDim.x;
   auto offset = [&](uint32_t t) {
     const auto q = div_packs.divmod(t);
     return (int64_t(q.div) * D + d) * inner + int64_t(q.mod) * VEC;
   };
   red_t s = 0;
   for (uint32_t t = first; t < packs; t += step) s += Math::template contribution<VEC>(p, offset(t));
-  const Sum<red_t> mine = block_reduce(Sum<red_t>{s}, add<red_t>, Sum<red_t>{red_t(0)}, shared);
-  if (threadIdx.x == 0) partial[blockIdx.x] = mine.s;
-  cooperative_groups::this_grid().sync();
-  red_t t = 0;
-  for (uint32_t k = threadIdx.x; k < parts; k += blockDim.x) t += __ldcg(partial + d * parts + k);
-  const Sum<red_t> total = block_reduce(Sum<red_t>{t}, add<red_t>, Sum<red_t>{red_t(0)}, shared);
+  Sum<red_t> total = block_reduce(Sum<red_t>{s}, add<red_t>, Sum<red_t>{red_t(0)}, shared);
+  if constexpr (kShared) {
+    if (threadIdx.x == 0) partial[blockIdx.x] = total.s;
+    cooperative_groups::this_grid().sync();
+    red_t t = 0;
+    for (uint32_t k = threadIdx.x; k < n_parts; k += blockDim.x) t += __ldcg(partial + d * n_parts + k);
+    total = block_reduce(Sum<red_t>{t}, add<red_t>, Sum<red_t>{red_t(0)}, shared);
+  }
   if (threadIdx.x == 0) coef = Math::finish(p, d, total.s, part == 0);
   __syncthreads();
   if constexpr (M == Mode::Norms) return;
@@ -207,7 +185,7 @@ __global__ void __launch_bounds__(kColumnThreads)
   for (int64_t r = ty; r < outer; r += TY) Math::template write<1>(p, r * D + d, k);
 }
 
-// Blocks to a slice for split_slice_kernel, or 1 where one block per slice fills the GPU
+// Blocks to a slice for slice_kernel<kShared>, or 1 where one block per slice fills the GPU
 // (or the slice is too short to share): the resident blocks over the slices, with at least
 // kMinPacksPerThread packs for each thread.
 constexpr int64_t kMinPacksPerThread = 8;
@@ -268,30 +246,26 @@ void launch(const WeightNormArgs& a) {
     const bool wide = a.inner % V == 0 && aligned16(a.v) && aligned16(a.grad_w) && aligned16(a.w) && aligned16(a.grad_v);
     auto run = [&](auto vec) {
       constexpr int VEC = decltype(vec)::value;
-      const at::cuda::detail::IntDivider<uint32_t> div_packs(uint32_t(a.inner / VEC));
-      auto split = split_slice_kernel<M, VEC, scalar_t, acc_t>;
-      const uint32_t parts = parts_per_slice(split, a.D, a.outer * (a.inner / VEC));
-      if (parts == 1) {
-        slice_kernel<M, VEC, scalar_t, acc_t><<<a.D, kThreads, 0, stream>>>(p, a.outer, a.D, a.inner, div_packs);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        return;
-      }
-      auto partial = at::empty({a.D * parts}, a.v.options().dtype(at::kDouble));
-      double* partial_ptr = partial.data_ptr<double>();
-      int64_t outer = a.outer, D = a.D, inner = a.inner;
-      uint32_t parts_arg = parts;
-      at::cuda::detail::IntDivider<uint32_t> div_arg = div_packs;
-      Pointers<scalar_t, acc_t> p_arg = p;
-      void* args[] = {&p_arg, &outer, &D, &inner, &parts_arg, &div_arg, &partial_ptr};
-      const auto err = cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(split), dim3(uint32_t(a.D * parts)),
-                                                   dim3(kThreads), args, 0, stream);
-      if (err == cudaErrorCooperativeLaunchTooLarge) {  // fewer SMs than reported (MPS): one block a slice
+      at::cuda::detail::IntDivider<uint32_t> div_packs(uint32_t(a.inner / VEC));
+      auto shared_kernel = slice_kernel<M, VEC, true, scalar_t, acc_t>;
+      uint32_t parts = parts_per_slice(shared_kernel, a.D, a.outer * (a.inner / VEC));
+      if (parts > 1) {
+        auto partial = at::empty({a.D * parts}, a.v.options().dtype(at::kDouble));
+        double* partial_ptr = partial.data_ptr<double>();
+        Pointers<scalar_t, acc_t> p_arg = p;
+        int64_t outer = a.outer, D = a.D, inner = a.inner;
+        void* args[] = {&p_arg, &outer, &D, &inner, &parts, &div_packs, &partial_ptr};
+        const auto err = cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(shared_kernel),
+                                                     dim3(uint32_t(a.D * parts)), dim3(kThreads), args, 0, stream);
+        if (err != cudaErrorCooperativeLaunchTooLarge) {  // (fewer SMs than reported, MPS: one block a slice)
+          C10_CUDA_CHECK(err);
+          return;
+        }
         (void)cudaGetLastError();
-        slice_kernel<M, VEC, scalar_t, acc_t><<<a.D, kThreads, 0, stream>>>(p, a.outer, a.D, a.inner, div_packs);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-        return;
       }
-      C10_CUDA_CHECK(err);
+      slice_kernel<M, VEC, false, scalar_t, acc_t>
+          <<<a.D, kThreads, 0, stream>>>(p, a.outer, a.D, a.inner, 1, div_packs, nullptr);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     if (wide) {
       run(std::integral_constant<int, V>{});
