@@ -101,3 +101,12 @@ def assert_close_to_reference(ours, ref64, dtype, torch_result=None, what="", pe
     bad = (err > allowed) & finite
     assert not bad.any(), (f"{what}: {int(bad.sum())} of {ref.numel()} elements off; worst error "
                            f"{err[bad].max().item():.3g} where {allowed[bad].min().item():.3g} is allowed")
+
+
+def compiled_autograd():
+    """torch's compiled autograd around a backward (the graph traced and run by dynamo's
+    eager backend), as a context manager; its name differs across torch versions."""
+    from torch._dynamo import compiled_autograd as ca
+
+    enable = getattr(ca, "_enable", None) or ca.enable
+    return enable(torch.compile(backend="eager"))

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import fastnorm
-from conftest import DEVICES, FLOAT_DTYPES, LOW_PRECISION, assert_close_to_reference, param_dtype_for
+from conftest import DEVICES, FLOAT_DTYPES, LOW_PRECISION, assert_close_to_reference, compiled_autograd, param_dtype_for
 
 
 def torch_dim(ndim, dim):
@@ -667,3 +667,21 @@ def test_mean_only_batch_norm(cls, shape, momentum):
     assert torch.autograd.gradcheck(lambda t: bn(t), (x,))
     with pytest.raises(ValueError, match="channels"):
         bn(torch.randn(*shape[:1], 4, *shape[2:], dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dim", [0, 1, None])
+@pytest.mark.parametrize("make,x_shape", [(lambda: nn.Linear(8, 6), (3, 8)), (lambda: nn.Conv2d(3, 4, 3), (2, 3, 6, 6))],
+                         ids=["linear", "conv"])
+def test_compiled_autograd_matches_eager(make, x_shape, dim):
+    """The backward through compiled autograd (the weight-norm node traced into the graph)
+    gives eager's gradients."""
+    torch._dynamo.reset()
+    eager = fastnorm.weight_norm(make(), dim=dim)
+    traced = copy.deepcopy(eager)
+    x = torch.randn(x_shape)
+    eager(x).square().sum().backward()
+    loss = traced(x).square().sum()
+    with compiled_autograd():
+        loss.backward()
+    for (name, pe), pt in zip(eager.named_parameters(), traced.parameters()):
+        torch.testing.assert_close(pt.grad, pe.grad, rtol=1e-5, atol=1e-6, msg=name)

@@ -12,6 +12,7 @@
 #include <torch/csrc/autograd/function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/saved_variable.h>
+#include <torch/csrc/dynamo/compiled_autograd.h>
 #include <torch/library.h>
 
 #include <memory>
@@ -108,13 +109,57 @@ bool reusable(const Tensor& grad_w, const Tensor& v) {
   return storage_refs == 2 && base.use_count() == 1 && !base.is_view();
 }
 
+// Compiled autograd (torch._dynamo.compiled_autograd) asks a node for its state through
+// compiled_args, const in newer torch and not in older; the base matching this torch's
+// signature forwards it to collect_args. (A partial specialization, so that only the one
+// chosen is compiled.)
+using torch::dynamo::autograd::CompiledNodeArgs;
+using torch::dynamo::autograd::SwapSavedVariables;
+constexpr bool kConstCompiledArgs =
+    std::is_same_v<decltype(&torch::autograd::Node::compiled_args),
+                   void (torch::autograd::Node::*)(CompiledNodeArgs&) const>;
+
+template <bool kConst, typename Base = torch::autograd::Node>
+struct CompiledArgsNode;
+template <typename Base>
+struct CompiledArgsNode<true, Base> : Base {
+  void compiled_args(CompiledNodeArgs& args) const override { collect_args(args); }
+  virtual void collect_args(CompiledNodeArgs& args) const = 0;
+};
+template <typename Base>
+struct CompiledArgsNode<false, Base> : Base {
+  void compiled_args(CompiledNodeArgs& args) override { collect_args(args); }
+  virtual void collect_args(CompiledNodeArgs& args) const = 0;
+};
+
 // The gradient of w = g * v / norm with respect to v and g.
-struct WeightNormBackward : public torch::autograd::Node {
+struct WeightNormBackward : public CompiledArgsNode<kConstCompiledArgs> {
   torch::autograd::SavedVariable v, g, norm;
   int64_t dim = 0;
   double eps = 0;
 
   std::string name() const override { return "fastnorm::WeightNormBackward"; }
+
+  // Compiled autograd: the node's state, and apply() with the saved tensors swapped for the
+  // tracer's (the ops apply() calls go into the compiled graph; their fake kernels are in
+  // fastnorm/_ops.py).
+  void collect_args(CompiledNodeArgs& args) const override {
+    args.collect(v, false);
+    args.collect(g, false);
+    args.collect(norm, false);
+    args.collect(dim);
+    args.collect(eps);
+  }
+  variable_list apply_with_saved(const variable_list& grads, SwapSavedVariables& saved) override {
+    saved.before(v);
+    saved.before(g);
+    saved.before(norm);
+    variable_list out = apply(variable_list(grads));
+    saved.after(v);
+    saved.after(g);
+    saved.after(norm);
+    return out;
+  }
 
   void release_variables() override {
     std::lock_guard<std::mutex> lock(mutex_);
