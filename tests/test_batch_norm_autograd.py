@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fastnorm
-from conftest import DEVICES, RecordDispatch, with_layout
+from conftest import DEVICES, RecordDispatch, compiled_autograd, with_layout
 
 ACTIVATIONS = [(None, 0.01), ("relu", 0.01), ("leaky_relu", 0.2), ("leaky_relu", -0.3), ("silu", 0.01)]
 
@@ -147,3 +147,24 @@ def test_compile_fullgraph_matches_eager(momentum):
     eager.eval()
     x = torch.randn(2, 3, 8, 8)
     torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_compiled_autograd_matches_eager(momentum):
+    """The backward through compiled autograd (an eager forward, the backward graph traced
+    through the batch-norm nodes) gives eager's gradients; the statistics the op returns have
+    no gradient either way."""
+    torch._dynamo.reset()
+    eager = _Net(momentum)
+    traced = _Net(momentum)
+    traced.load_state_dict(eager.state_dict())
+    x = torch.randn(4, 3, 8, 8)
+    eager(x).square().sum().backward()
+    loss = traced(x).square().sum()
+    with compiled_autograd():
+        loss.backward()
+    for (name, pe), pt in zip(eager.named_parameters(), traced.parameters()):
+        torch.testing.assert_close(pt.grad, pe.grad, rtol=1e-5, atol=1e-6, msg=name)
+    _, mean, var = torch.ops.fastnorm.batch_norm_train(x.requires_grad_(), None, None, None, None, None, None, 0.1,
+                                                      False, 1e-5, 0, 0.01)
+    assert not mean.requires_grad and not var.requires_grad and mean.grad_fn is None

@@ -160,10 +160,13 @@ variable_list backward_from_saved(AutogradContext* ctx, const Tensor& grad_out, 
 
 class BatchNormTrain : public torch::autograd::Function<BatchNormTrain> {
  public:
+  // The batch statistics come back through `stats`, not as outputs: they have no gradient,
+  // and an output marked non-differentiable keeps compiled autograd from taking the node.
   static variable_list forward(AutogradContext* ctx, const Tensor& input, const OptTensor& weight,
                                const OptTensor& bias, const OptTensor& residual, const OptTensor& running_mean,
                                const OptTensor& running_var, const OptTensor& num_batches_tracked, double momentum,
-                               bool cumulative, double eps, int64_t act, double slope) {
+                               bool cumulative, double eps, int64_t act, double slope,
+                               std::pair<Tensor, Tensor>* stats) {
     static const auto train_op = op<TrainFn>("fastnorm::batch_norm_train");
     Tensor out, mean, var;
     {
@@ -180,17 +183,17 @@ class BatchNormTrain : public torch::autograd::Function<BatchNormTrain> {
                                        slope));
     store_epilogue(ctx, eps, act, slope, given(residual));
     store_edges(ctx, {{"input", true}, {"weight", given(weight)}, {"bias", given(bias)}, {"residual", given(residual)}});
-    ctx->mark_non_differentiable({mean, var});
-    // The gradients of mean and var are never used: left undefined, not filled with zeros
-    // (two allocations and fills per backward). backward_from_saved handles an undefined dy.
+    // An undefined dy (no gradient reached out) is not filled with zeros: backward_from_saved
+    // handles it.
     ctx->set_materialize_grads(false);
-    return {out, mean, var};
+    *stats = {mean, var};
+    return {out};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     auto g = backward_from_saved(ctx, grads[0], /*training=*/true);
-    // input, weight, bias, residual, then running_mean ... negative_slope.
-    g.resize(12);
+    // input, weight, bias, residual, then running_mean ... negative_slope, stats.
+    g.resize(13);
     return g;
   }
 };
@@ -229,9 +232,10 @@ std::tuple<Tensor, Tensor, Tensor> batch_norm_train_autograd(const Tensor& input
                                                              const OptTensor& running_var,
                                                              const OptTensor& num_batches_tracked, double momentum,
                                                              bool cumulative, double eps, int64_t act, double slope) {
+  std::pair<Tensor, Tensor> stats;
   auto r = BatchNormTrain::apply(input, weight, bias, residual, running_mean, running_var, num_batches_tracked,
-                                 momentum, cumulative, eps, act, slope);
-  return {r[0], r[1], r[2]};
+                                 momentum, cumulative, eps, act, slope, &stats);
+  return {r[0], stats.first, stats.second};
 }
 
 Tensor batch_norm_elemt_autograd(const Tensor& input, const Tensor& mean, const Tensor& var, const OptTensor& weight,
