@@ -103,10 +103,16 @@ def assert_close_to_reference(ours, ref64, dtype, torch_result=None, what="", pe
                            f"{err[bad].max().item():.3g} where {allowed[bad].min().item():.3g} is allowed")
 
 
-def compiled_autograd():
-    """torch's compiled autograd around a backward (the graph traced and run by dynamo's
-    eager backend), as a context manager; its name differs across torch versions."""
-    from torch._dynamo import compiled_autograd as ca
+def assert_compiled_autograd_matches_eager(eager, traced, x):
+    """traced (a copy of eager) gets eager's parameter gradients when its backward runs
+    through torch's compiled autograd (the graph traced and run by dynamo's eager backend)."""
+    from torch._dynamo import compiled_autograd
 
-    enable = getattr(ca, "_enable", None) or ca.enable
-    return enable(torch.compile(backend="eager"))
+    enable = getattr(compiled_autograd, "_enable", None) or compiled_autograd.enable  # (renamed in newer torch)
+    torch._dynamo.reset()
+    eager(x).square().sum().backward()
+    loss = traced(x).square().sum()
+    with enable(torch.compile(backend="eager")):
+        loss.backward()
+    for (name, pe), pt in zip(eager.named_parameters(), traced.parameters()):
+        torch.testing.assert_close(pt.grad, pe.grad, rtol=1e-5, atol=1e-6, msg=name)

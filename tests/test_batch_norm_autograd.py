@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fastnorm
-from conftest import DEVICES, RecordDispatch, compiled_autograd, with_layout
+from conftest import DEVICES, RecordDispatch, assert_compiled_autograd_matches_eager, with_layout
 
 ACTIVATIONS = [(None, 0.01), ("relu", 0.01), ("leaky_relu", 0.2), ("leaky_relu", -0.3), ("silu", 0.01)]
 
@@ -154,17 +154,11 @@ def test_compiled_autograd_matches_eager(momentum):
     """The backward through compiled autograd (an eager forward, the backward graph traced
     through the batch-norm nodes) gives eager's gradients; the statistics the op returns have
     no gradient either way."""
-    torch._dynamo.reset()
     eager = _Net(momentum)
     traced = _Net(momentum)
     traced.load_state_dict(eager.state_dict())
     x = torch.randn(4, 3, 8, 8)
-    eager(x).square().sum().backward()
-    loss = traced(x).square().sum()
-    with compiled_autograd():
-        loss.backward()
-    for (name, pe), pt in zip(eager.named_parameters(), traced.parameters()):
-        torch.testing.assert_close(pt.grad, pe.grad, rtol=1e-5, atol=1e-6, msg=name)
+    assert_compiled_autograd_matches_eager(eager, traced, x)
     _, mean, var = torch.ops.fastnorm.batch_norm_train(x.requires_grad_(), None, None, None, None, None, None, 0.1,
                                                       False, 1e-5, 0, 0.01)
     assert not mean.requires_grad and not var.requires_grad and mean.grad_fn is None

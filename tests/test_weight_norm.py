@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 import fastnorm
-from conftest import DEVICES, FLOAT_DTYPES, LOW_PRECISION, assert_close_to_reference, compiled_autograd, param_dtype_for
+from conftest import (DEVICES, FLOAT_DTYPES, LOW_PRECISION, assert_close_to_reference,
+                      assert_compiled_autograd_matches_eager, param_dtype_for)
 
 
 def torch_dim(ndim, dim):
@@ -675,13 +676,5 @@ def test_mean_only_batch_norm(cls, shape, momentum):
 def test_compiled_autograd_matches_eager(make, x_shape, dim):
     """The backward through compiled autograd (the weight-norm node traced into the graph)
     gives eager's gradients."""
-    torch._dynamo.reset()
     eager = fastnorm.weight_norm(make(), dim=dim)
-    traced = copy.deepcopy(eager)
-    x = torch.randn(x_shape)
-    eager(x).square().sum().backward()
-    loss = traced(x).square().sum()
-    with compiled_autograd():
-        loss.backward()
-    for (name, pe), pt in zip(eager.named_parameters(), traced.parameters()):
-        torch.testing.assert_close(pt.grad, pe.grad, rtol=1e-5, atol=1e-6, msg=name)
+    assert_compiled_autograd_matches_eager(eager, copy.deepcopy(eager), torch.randn(x_shape))
