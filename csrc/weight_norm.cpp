@@ -89,7 +89,7 @@ std::tuple<Tensor, Tensor> weight_norm(const Tensor& v, const Tensor& g, int64_t
   c10::DeviceGuard guard(v.device());
   WeightNormArgs a;
   a.v = dense_view(v, dim, a);
-  a.g = per_slice(g, acc_dtype(v));
+  a.g = g.contiguous();  // (check_g: v's dtype or the accumulation dtype; the kernels read either)
   a.eps = eps;
   a.w = at::empty_like(a.v);
   a.norm = at::empty({a.D}, v.options().dtype(acc_dtype(v)));
@@ -113,11 +113,11 @@ std::tuple<Tensor, Tensor> weight_norm_backward_impl(const char* op, const Tenso
   WeightNormArgs a;
   a.v = dense_view(v, dim, a);
   a.grad_w = like(grad_w, a.v);
-  a.g = per_slice(g, acc_dtype(v));
+  a.g = g.contiguous();
   a.norm = per_slice(norm, acc_dtype(v));
   // grad_v over grad_w when asked to, or over the copy of grad_w made above (ours alone).
   a.grad_v = in_place || !a.grad_w.is_same(grad_w) ? a.grad_w : at::empty_like(a.v);
-  a.grad_g = at::empty(g.sizes(), v.options().dtype(acc_dtype(v)));  // contiguous, g's shape
+  a.grad_g = at::empty(g.sizes(), g.options());  // contiguous, g's shape and dtype
   if (v.numel() > 0) {
     FASTNORM_RUN_WN_KERNEL(v.is_cuda(), weight_norm_backward, a);
   } else {
@@ -125,7 +125,7 @@ std::tuple<Tensor, Tensor> weight_norm_backward_impl(const char* op, const Tenso
     at::div_out(a.grad_g, at::zeros_like(a.grad_g), a.norm.view(a.grad_g.sizes()));
   }
   if (in_place && !a.grad_v.is_same(grad_w)) grad_w.copy_(a.grad_v);
-  return {a.grad_v, a.grad_g.to(g.scalar_type())};
+  return {a.grad_v, a.grad_g};
 }
 
 std::tuple<Tensor, Tensor> weight_norm_backward(const Tensor& grad_w, const Tensor& v, const Tensor& g,

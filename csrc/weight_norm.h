@@ -10,12 +10,12 @@ namespace fastnorm {
 struct WeightNormArgs {
   int64_t outer = 1, D = 1, inner = 1;
   at::Tensor v;       // dense in that view
-  at::Tensor g;       // D values, contiguous, accumulation dtype (undefined for weight_norm_norms)
+  at::Tensor g;       // D values, contiguous, v's or the accumulation dtype (undefined for weight_norm_norms)
   at::Tensor norm;    // [D] accumulation dtype: written by forward and norms, read by backward
   at::Tensor w;       // forward output, like v
   at::Tensor grad_w;  // backward input, like v
   at::Tensor grad_v;  // backward output, like v
-  at::Tensor grad_g;  // D values, contiguous, accumulation dtype
+  at::Tensor grad_g;  // D values, contiguous, g's dtype
   double eps = 0.0;
 };
 

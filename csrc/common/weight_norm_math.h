@@ -41,6 +41,26 @@ FASTNORM_HD inline WeightNormGrad<T> wn_grad_plain(T g, T norm, T dot) {
   return {grad_g, g * inv, -grad_g * inv, T(0)};
 }
 
+// g or grad_g: one value per slice, stored in the weight's dtype T or in the accumulation
+// dtype A (torch keeps g in the weight's dtype; float32 g with low-precision weights is
+// allowed too). Read and written in place, so that g needs no conversion before the kernel
+// nor grad_g after it: each would be one more launch on CUDA.
+template <typename T, typename A>
+struct SliceValues {
+  void* p;
+  bool in_acc;  // stored as A
+  FASTNORM_HD double get(int64_t d) const {
+    return in_acc ? double(static_cast<const A*>(p)[d]) : double(A(static_cast<const T*>(p)[d]));
+  }
+  FASTNORM_HD void set(int64_t d, A x) const {
+    if (in_acc) {
+      static_cast<A*>(p)[d] = x;
+    } else {
+      static_cast<T*>(p)[d] = T(x);
+    }
+  }
+};
+
 // One value of grad_v.
 template <typename T>
 FASTNORM_HD inline T wn_grad_v(const WeightNormGrad<T>& k, T grad_w, T v) {

@@ -389,7 +389,7 @@ void forward_impl(const WeightNormArgs& a) {
   using acc_t = at::opmath_type<T>;
   const T* v = a.v.data_ptr<T>();
   T* w = a.w.data_ptr<T>();
-  const acc_t* g = a.g.data_ptr<acc_t>();
+  const SliceValues<T, acc_t> g{a.g.data_ptr(), a.g.scalar_type() != a.v.scalar_type()};
   acc_t* norm = a.norm.data_ptr<acc_t>();
   const bool stream = a.w.nbytes() >= kStreamBytes;
   if (short_runs(a)) {
@@ -398,7 +398,7 @@ void forward_impl(const WeightNormArgs& a) {
     for_slices(a, [&](int64_t d) {
       const double n = wn_norm<double>(ss[d], a.eps);
       norm[d] = acc_t(n);
-      s[d] = double(g[d]) / n;
+      s[d] = g.get(d) / n;
     });
     const auto scales = row_lanes<T>(a, [&](int64_t d) { return acc_t(s[d]); });
     for_row_chunks(a, [&](int64_t off, int64_t c0, int64_t n) {
@@ -413,7 +413,7 @@ void forward_impl(const WeightNormArgs& a) {
         [norm, g, eps](int64_t d, double ss) FASTNORM_INLINE_LAMBDA {
           const acc_t n = wn_norm<acc_t>(acc_t(ss), eps);
           norm[d] = n;
-          return g[d] / n;
+          return acc_t(g.get(d)) / n;
         },
         [w, v, stream](int64_t off, int64_t n, acc_t scale) FASTNORM_INLINE_LAMBDA {
           scale_span(w + off, v + off, n, Coef<acc_t, false>{scale}, stream);
@@ -428,7 +428,7 @@ void forward_impl(const WeightNormArgs& a) {
       [norm, g, eps](int64_t d, double ss) FASTNORM_INLINE_LAMBDA {
         const double n = wn_norm<double>(ss, eps);
         norm[d] = acc_t(n);
-        return acc_t(double(g[d]) / n);
+        return acc_t(g.get(d) / n);
       },
       [w, v, stream](int64_t off, int64_t n, acc_t scale) FASTNORM_INLINE_LAMBDA {
         scale_span(w + off, v + off, n, Coef<acc_t, false>{scale}, stream);
@@ -441,13 +441,13 @@ void backward_impl(const WeightNormArgs& a) {
   const T* v = a.v.data_ptr<T>();
   const T* gw = a.grad_w.data_ptr<T>();
   T* gv = a.grad_v.data_ptr<T>();
-  const acc_t* g = a.g.data_ptr<acc_t>();
+  const SliceValues<T, acc_t> g{a.g.data_ptr(), a.g.scalar_type() != a.v.scalar_type()};
   const acc_t* norm = a.norm.data_ptr<acc_t>();
-  acc_t* grad_g = a.grad_g.data_ptr<acc_t>();
+  const SliceValues<T, acc_t> grad_g{a.grad_g.data_ptr(), g.in_acc};
   const bool stream = a.grad_v.nbytes() >= kStreamBytes;
   auto finish = [g, norm, grad_g](int64_t d, double dt) FASTNORM_INLINE_LAMBDA {
-    const auto k = wn_grad<acc_t>(double(g[d]), double(norm[d]), dt);
-    grad_g[d] = k.grad_g;
+    const auto k = wn_grad<acc_t>(g.get(d), double(norm[d]), dt);
+    grad_g.set(d, k.grad_g);
     return k;
   };
   if (short_runs(a)) {
@@ -467,8 +467,8 @@ void backward_impl(const WeightNormArgs& a) {
     slice_pass(
         a, gw, v,
         [g, norm, grad_g](int64_t d, double dt) FASTNORM_INLINE_LAMBDA {
-          const auto k = wn_grad_plain<acc_t>(g[d], norm[d], acc_t(dt));
-          grad_g[d] = k.grad_g;
+          const auto k = wn_grad_plain<acc_t>(acc_t(g.get(d)), norm[d], acc_t(dt));
+          grad_g.set(d, k.grad_g);
           return k;
         },
         // Its own write, not the grouped path's below: sharing that one (with its c_lo

@@ -42,9 +42,9 @@ struct Pointers {
   const scalar_t* v;
   const scalar_t* grad_w;  // backward
   scalar_t* out;           // w (forward) or grad_v (backward)
-  const acc_t* g;
-  acc_t* norm;             // written forward and by norms, read backward
-  acc_t* grad_g;
+  SliceValues<scalar_t, acc_t> g;  // (unset for norms)
+  acc_t* norm;                      // written forward and by norms, read backward
+  SliceValues<scalar_t, acc_t> grad_g;
   double eps;
 };
 
@@ -76,13 +76,13 @@ struct SliceMath {
   static __device__ __forceinline__ WeightNormGrad<acc_t> finish(const Pointers<scalar_t, acc_t>& p, int64_t d,
                                                                  red_t total, bool store = true) {
     if constexpr (M == Mode::Backward) {
-      const auto k = wn_grad<acc_t>(double(p.g[d]), double(p.norm[d]), double(total));
-      if (store) p.grad_g[d] = k.grad_g;
+      const auto k = wn_grad<acc_t>(p.g.get(d), double(p.norm[d]), double(total));
+      if (store) p.grad_g.set(d, k.grad_g);
       return k;
     } else {
       const double n = wn_norm<double>(double(total), p.eps);  // as the CPU: in float64, then rounded
       if (store) p.norm[d] = acc_t(n);
-      return {acc_t(0), M == Mode::Forward ? acc_t(double(p.g[d]) / n) : acc_t(0), acc_t(0), acc_t(0)};
+      return {acc_t(0), M == Mode::Forward ? acc_t(p.g.get(d) / n) : acc_t(0), acc_t(0), acc_t(0)};
     }
   }
   // out = w or grad_v for the VEC values from i on. grad_v may be grad_w itself: each value
@@ -216,6 +216,12 @@ T* ptr_or_null(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<T>() : nullptr;
 }
 
+// g or grad_g as the kernels read and write it (undefined: never touched).
+template <typename T, typename A>
+SliceValues<T, A> slice_values(const at::Tensor& t, const at::Tensor& v) {
+  return {t.defined() ? t.data_ptr() : nullptr, t.defined() && t.scalar_type() != v.scalar_type()};
+}
+
 template <Mode M>
 void launch(const WeightNormArgs& a) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.v.scalar_type(), "fastnorm_weight_norm_cuda", [&] {
@@ -224,9 +230,9 @@ void launch(const WeightNormArgs& a) {
                                       ptr_or_null<scalar_t>(a.grad_w),
                                       M == Mode::Forward ? a.w.data_ptr<scalar_t>()
                                                          : (M == Mode::Backward ? a.grad_v.data_ptr<scalar_t>() : nullptr),
-                                      ptr_or_null<acc_t>(a.g),
+                                      slice_values<scalar_t, acc_t>(a.g, a.v),
                                       a.norm.data_ptr<acc_t>(),
-                                      ptr_or_null<acc_t>(a.grad_g),
+                                      slice_values<scalar_t, acc_t>(a.grad_g, a.v),
                                       a.eps};
     const auto stream = at::cuda::getCurrentCUDAStream();
     if (a.inner == 1 && a.D > 1) {
