@@ -291,6 +291,30 @@ def test_no_scaled_output_on_cuda():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("dtype,g_dtype", [(d, None) for d in FLOAT_DTYPES] + [(d, torch.float32) for d in LOW_PRECISION],
+                         ids=str)
+@pytest.mark.parametrize("dim", [None, 0, 1], ids=["whole", "dim 0", "last dim"])
+def test_cuda_one_launch_per_direction(dim, dtype, g_dtype):
+    """The forward is one kernel launch and so is the backward, g (and grad_g) in v's dtype
+    or in float32."""
+    v, g = make_vg((300, 4100), dim, dtype, "cuda", g_dtype=g_dtype)
+    vr, gr = v.requires_grad_(), g.requires_grad_()
+    gw = torch.randn_like(v)
+
+    def launches(fn):
+        fn()  # warm-up
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+    assert len(launches(lambda: fastnorm.functional.weight_norm(vr, gr, dim))) == 1
+    w = fastnorm.functional.weight_norm(vr, gr, dim)
+    assert len(launches(lambda: torch.autograd.grad(w, (vr, gr), gw, retain_graph=True))) == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("dim", [None, 0, 1], ids=["whole (blocks share the slice)", "dim 0", "last dim"])
 def test_cuda_graph_capture(dim):
     """Every CUDA kernel (the cooperative launch of shared slices too) replays from a graph."""
