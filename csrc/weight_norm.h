@@ -19,6 +19,11 @@ struct WeightNormArgs {
   double eps = 0.0;
 };
 
+// Whether g (and grad_g, which has g's dtype) is stored in the accumulation dtype rather
+// than in v's: float32 g with a float16/bfloat16 weight. The kernels read and write both
+// through SliceValues (common/weight_norm_math.h).
+inline bool g_in_acc(const WeightNormArgs& a) { return a.g.defined() && a.g.scalar_type() != a.v.scalar_type(); }
+
 namespace cpu {
 void weight_norm_forward(const WeightNormArgs& a);   // norm, w
 void weight_norm_backward(const WeightNormArgs& a);  // grad_v, grad_g

@@ -218,8 +218,8 @@ T* ptr_or_null(const at::Tensor& t) {
 
 // g or grad_g as the kernels read and write it (undefined: never touched).
 template <typename T, typename A>
-SliceValues<T, A> slice_values(const at::Tensor& t, const at::Tensor& v) {
-  return {t.defined() ? t.data_ptr() : nullptr, t.defined() && t.scalar_type() != v.scalar_type()};
+SliceValues<T, A> slice_values(const at::Tensor& t, const WeightNormArgs& a) {
+  return {t.defined() ? t.data_ptr() : nullptr, g_in_acc(a)};
 }
 
 template <Mode M>
@@ -230,9 +230,9 @@ void launch(const WeightNormArgs& a) {
                                       ptr_or_null<scalar_t>(a.grad_w),
                                       M == Mode::Forward ? a.w.data_ptr<scalar_t>()
                                                          : (M == Mode::Backward ? a.grad_v.data_ptr<scalar_t>() : nullptr),
-                                      slice_values<scalar_t, acc_t>(a.g, a.v),
+                                      slice_values<scalar_t, acc_t>(a.g, a),
                                       a.norm.data_ptr<acc_t>(),
-                                      slice_values<scalar_t, acc_t>(a.grad_g, a.v),
+                                      slice_values<scalar_t, acc_t>(a.grad_g, a),
                                       a.eps};
     const auto stream = at::cuda::getCurrentCUDAStream();
     if (a.inner == 1 && a.D > 1) {
