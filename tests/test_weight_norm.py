@@ -42,8 +42,9 @@ CASES = [  # shape, dim: 0, last, middle, negative, whole tensor (None and -1)
     # the CPU kernel's paths: slices of single values or short runs (scalar), runs of 40;
     # short runs walked by rows over several row blocks and column chunks, inner 1 and 3
     ((1, 50), 1), ((500, 3), 0), ((4, 70, 40), 1), ((300, 4100), 1), ((600, 40, 3), 1),
-    # slices taken one at a time (dim 0, runs of 32 values or more), forward too up to 64
-    ((40, 48), 0), ((300, 2, 16), 0), ((64, 200), 0),
+    # dim 0 of dense rows: in batches of one row per vector lane (forward up to 256 values a
+    # row, backward 32 to 128), the last batch short; longer rows one at a time (backward)
+    ((40, 48), 0), ((300, 2, 16), 0), ((45, 128), 0), ((19, 256), 0), ((64, 200), 0),
     # CUDA: slices too few to fill the GPU, shared by several blocks (on an H100/H200 the
     # whole tensor takes 150 blocks in float32; 3 slices: 6 blocks each)
     ((300, 4100), None), ((3, 50000), 0),

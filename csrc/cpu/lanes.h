@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ATen/OpMathType.h>
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/macros/Macros.h>
 
@@ -96,6 +97,43 @@ C10_ALWAYS_INLINE void span_loop(int64_t n, Body&& body) {
   }
   for (; i + KW <= n; i += KW) body(i, Full{}, std::integral_constant<int, 0>{});
   if (i < n) body(i, n - i, std::integral_constant<int, 1>{});
+}
+
+// Totals of Vec::size() vectors: lane r of the result is the sum of the lanes of acc[r]
+// (acc is overwritten). With AVX512, a tree of pairwise lane sums that halves the vectors
+// at each level: about three operations a vector, where each vector's own horizontal sum
+// takes eight, in a chain of dependent steps. Elsewhere each vector is summed in turn.
+template <typename A>
+C10_ALWAYS_INLINE Vectorized<A> lane_totals(Vectorized<A>* acc) {
+  constexpr int R = Vectorized<A>::size();
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<A, float>) {
+    // Lanes 0-7 take pairs of x's lanes, 8-15 pairs of y's: after level k, each row's
+    // partial sums sit in 16 / 2^k adjacent lanes, and after the last, row r in lane r.
+    const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i odd = _mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+    for (int n = R; n > 1; n /= 2) {
+      for (int i = 0; i < n / 2; ++i) {
+        const __m512 x = acc[2 * i], y = acc[2 * i + 1];
+        acc[i] = _mm512_add_ps(_mm512_permutex2var_ps(x, even, y), _mm512_permutex2var_ps(x, odd, y));
+      }
+    }
+    return acc[0];
+  } else if constexpr (std::is_same_v<A, double>) {
+    const __m512i even = _mm512_setr_epi64(0, 2, 4, 6, 8, 10, 12, 14);
+    const __m512i odd = _mm512_setr_epi64(1, 3, 5, 7, 9, 11, 13, 15);
+    for (int n = R; n > 1; n /= 2) {
+      for (int i = 0; i < n / 2; ++i) {
+        const __m512d x = acc[2 * i], y = acc[2 * i + 1];
+        acc[i] = _mm512_add_pd(_mm512_permutex2var_pd(x, even, y), _mm512_permutex2var_pd(x, odd, y));
+      }
+    }
+    return acc[0];
+  }
+#endif
+  A t[R];
+  for (int r = 0; r < R; ++r) t[r] = at::vec::vec_reduce_all<A>([](Vectorized<A> a, Vectorized<A> b) { return a + b; }, acc[r]);
+  return Vectorized<A>::loadu(t);
 }
 
 }  // namespace fastnorm::cpu
