@@ -8,10 +8,14 @@
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <cooperative_groups.h>
 
 #include <algorithm>
+#include <map>
+#include <mutex>
 #include <type_traits>
+#include <utility>
 
 #include "common/weight_norm_math.h"
 #include "cuda/cuda_utils.cuh"
@@ -150,11 +154,11 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // Last-dim slices: `outer` rows of D values, slice d the column d. A block takes a tile of
-// blockDim.x columns; threadIdx.y walks the rows. Blocks of 1024 threads, and four rows in
-// flight per thread: a thread issues one 4-byte access per row, so it takes many threads and
-// loads in flight to keep memory busy (with 256 threads, 4096x4096 float32 ran at 0.19x of
-// torch on an H200).
-constexpr int kColumnThreads = 1024, kColumnMaxWidth = 256;
+// blockDim.x columns; threadIdx.y walks the rows. Blocks of up to 1024 threads, four rows in
+// flight per thread, and tiles narrow enough to fill the GPU: a thread issues one 4-byte
+// access per row, so it takes many threads and loads in flight to keep memory busy (with 256
+// threads and 32-column tiles, 4096x4096 float32 ran at 0.19x of torch on an H200).
+constexpr int kColumnThreads = 1024, kColumnMaxWidth = 256, kColumnMinWidth = 8;
 
 template <Mode M, typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kColumnThreads)
@@ -190,6 +194,20 @@ __global__ void __launch_bounds__(kColumnThreads)
 // kMinPacksPerThread packs for each thread.
 constexpr int64_t kMinPacksPerThread = 8;
 
+// Blocks of a kThreads launch of `kernel` an SM holds, queried once per device and kernel.
+int resident_per_sm(const void* kernel) {
+  static std::mutex mutex;
+  static std::map<std::pair<int, const void*>, int> cache;
+  const auto key = std::make_pair(int(c10::cuda::current_device()), kernel);
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  int per_sm = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0));
+  cache.emplace(key, per_sm);
+  return per_sm;
+}
+
 template <typename Kernel>
 uint32_t parts_per_slice(Kernel kernel, int64_t D, int64_t packs) {
   const auto* prop = at::cuda::getCurrentDeviceProperties();
@@ -202,9 +220,7 @@ uint32_t parts_per_slice(Kernel kernel, int64_t D, int64_t packs) {
   C10_CUDA_CHECK(cudaStreamIsCapturing(at::cuda::getCurrentCUDAStream(), &capturing));
   if (capturing != cudaStreamCaptureStatusNone) return 1;
 #endif
-  int per_sm = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0));
-  const int64_t resident = int64_t(per_sm) * prop->multiProcessorCount;
+  const int64_t resident = int64_t(resident_per_sm(reinterpret_cast<const void*>(kernel))) * prop->multiProcessorCount;
   const int64_t by_work = packs / (kThreads * kMinPacksPerThread);
   return uint32_t(std::max<int64_t>(1, std::min(resident / std::max<int64_t>(D, 1), by_work)));
 }
@@ -236,9 +252,17 @@ void launch(const WeightNormArgs& a) {
                                       a.eps};
     const auto stream = at::cuda::getCurrentCUDAStream();
     if (a.inner == 1 && a.D > 1) {
-      int ty = 4;  // rows a block walks at once: a power of 2 (the tree over them), 4 to 32
-      while (ty < 32 && ty < a.outer) ty *= 2;
-      const int tx = kColumnThreads / ty;
+      // Columns a block takes: as many as leave blocks for 3/4 of the GPU's threads, at least
+      // kColumnMinWidth (a 32-byte sector of float32 per row). A (4096, 4096) weight takes
+      // 16 (256 blocks, two per SM on an H100/H200), not 32 (128 blocks, half the threads
+      // the SMs hold). Rows a block walks at once: the rest of its 1024 threads, a power of 2
+      // (the tree over them), no more than the rows there are.
+      const auto* prop = at::cuda::getCurrentDeviceProperties();
+      const int64_t gpu_threads = int64_t(prop->maxThreadsPerMultiProcessor) * prop->multiProcessorCount;
+      int tx = kColumnMaxWidth;
+      while (tx > kColumnMinWidth && (a.D + tx - 1) / tx * kColumnThreads < gpu_threads * 3 / 4) tx /= 2;
+      int ty = kColumnThreads / tx;
+      while (ty > 1 && ty / 2 >= a.outer) ty /= 2;
       const int64_t blocks = (a.D + tx - 1) / tx;
       column_kernel<M, scalar_t, acc_t><<<blocks, dim3(tx, ty), 0, stream>>>(p, a.outer, a.D);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
