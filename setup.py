@@ -4,7 +4,7 @@ Environment overrides:
   FASTNORM_FORCE_CPU=1         build the CPU kernels only, even with a CUDA torch
   FASTNORM_FORCE_CUDA=1        fail unless the CUDA kernels are built
   TORCH_CUDA_ARCH_LIST         CUDA architectures (default without a visible GPU: 8.0;9.0)
-  FASTNORM_CPU_CAPABILITY      DEFAULT | AVX2 | AVX512 vector ISA of the CPU kernels
+  FASTNORM_CPU_CAPABILITY      DEFAULT | AVX2 | AVX512 | AVX512_BF16 vector ISA of the CPU kernels
                                (default: what torch reports for the build machine)
   MAX_JOBS                     parallel compile jobs (ninja)
 """
@@ -51,18 +51,36 @@ def want_cuda():
     return ok
 
 
+def cpu_has(flag):
+    """Whether the build machine's CPU lists `flag` in /proc/cpuinfo (elsewhere: no)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return flag in line.split()
+    except OSError:
+        pass
+    return False
+
+
 def cpu_capability_flags():
     """Vector ISA for at::vec in the CPU kernels (torch's own kernels dispatch at run time;
-    ours are built for the build machine, like -march=native)."""
+    ours are built for the build machine, like -march=native). AVX512_BF16: AVX512 plus the
+    instruction that rounds float32 to bfloat16 (csrc/cpu/lanes.h), where the machine has it."""
     cap = os.environ.get("FASTNORM_CPU_CAPABILITY", "").upper()
     if not cap:
         try:
             cap = torch.backends.cpu.get_cpu_capability()
         except Exception:
             cap = "DEFAULT"
+        if cap.startswith("AVX512") and cpu_has("avx512_bf16"):
+            cap = "AVX512_BF16"
     if cap.startswith("AVX512"):
-        return "AVX512", ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
-                          "-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"]
+        flags = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+                 "-DCPU_CAPABILITY_AVX512", "-DCPU_CAPABILITY=AVX512"]
+        if cap == "AVX512_BF16":
+            return cap, flags + ["-mavx512bf16", "-DFASTNORM_AVX512_BF16"]
+        return "AVX512", flags
     if cap == "AVX2":
         return "AVX2", ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=AVX2"]
     return "DEFAULT", ["-DCPU_CAPABILITY=DEFAULT"]

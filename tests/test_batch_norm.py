@@ -160,6 +160,31 @@ def test_large_mean_is_stable(dtype, layout):
     assert float(rel.max()) < (1e-5 if dtype == torch.float32 else 1e-12)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_bfloat16_rounding_is_torchs_to_the_bit(layout):
+    # Eval with mean 0, variance 1, eps 0: y = x * weight + 0, exact in float32 (8-bit x
+    # times 13-bit weights), then rounded to bfloat16 once. The CPU kernels may round with an
+    # instruction that flushes subnormals to zero; the bits must still be torch's: ties,
+    # subnormal inputs and results, overflow to inf, signed zeros (NaN: where, not which).
+    C = 4
+    weight = torch.tensor([1 + 2**-8, 0.75, 1 + 3 * 2**-12, 2 - 2**-12])
+    x = torch.randn(3, C, 5, 67) * 4
+    special = torch.tensor([2.0**-126, 2.0**-130, -(2.0**-133), 1e-39, 3.3e38, -3.3e38, 0.0, -0.0,
+                            float("inf"), float("-inf"), float("nan")])
+    x[0, :, 0, :special.numel()] = special
+    x[1, :, 2, 40] = 2.0**-127  # one subnormal in an otherwise normal vector
+    x = with_layout(x.to(torch.bfloat16), layout)
+    zeros, ones = torch.zeros(C), torch.ones(C)
+    ours = fastnorm.functional.batch_norm(x, zeros, ones, weight, zeros, training=False, eps=0.0)
+    ref = F.batch_norm(x, zeros, ones, weight, zeros, training=False, eps=0.0)
+    torch.testing.assert_close(ref, (x.float() * weight.view(1, C, 1, 1)).to(torch.bfloat16), rtol=0, atol=0,
+                               equal_nan=True)  # one rounding of the exact product
+    nan = ref.isnan()
+    assert torch.equal(ours.isnan(), nan)
+    assert torch.equal(ours.view(torch.int16)[~nan], ref.view(torch.int16)[~nan])
+    assert (ref[~nan] != 0).any() and (ref.abs() < 2.0**-126).logical_and(ref != 0).any()  # subnormals present
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_result_does_not_depend_on_thread_count(layout):
     x = make_input((4, 6, 40, 41), torch.float32, layout, "cpu")

@@ -20,7 +20,7 @@ def test_version_and_backends():
 
     assert fastnorm.__version__ == __version__
     b = fastnorm.backends()
-    assert b["cpu"] is True and b["cpu_capability"] in ("DEFAULT", "AVX2", "AVX512")
+    assert b["cpu"] is True and b["cpu_capability"] in ("DEFAULT", "AVX2", "AVX512", "AVX512_BF16")
     assert b["cuda"] == (b["cuda_compiled"] and torch.cuda.is_available())
     for op in OPS:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastnorm::{op}", "CPU")
