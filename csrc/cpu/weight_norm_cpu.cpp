@@ -311,7 +311,9 @@ void for_batches(const WeightNormArgs& a, F&& f) {
   constexpr int64_t R = Lanes<T>::Vec::size();
   const int64_t batches = (a.D + R - 1) / R;
   at::parallel_for(0, batches, a.D * a.inner <= kGrain ? batches : 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) f(b * R, std::min(R, a.D - b * R));
+    const auto f_ = f;  // (a local copy: its captures stay in registers, see slice_pass)
+    const int64_t D = a.D;
+    for (int64_t b = b0; b < b1; ++b) f_(b * R, std::min(R, D - b * R));
     stream_fence();
   });
 }
@@ -480,16 +482,18 @@ void forward_impl(const WeightNormArgs& a) {
   const double eps = a.eps;
   if (row_batches(a, 1, kBatchForward)) {
     using Vec = Vectorized<acc_t>;
-    for_batches<T>(a, [&](int64_t d, int64_t rows) FASTNORM_INLINE_LAMBDA {
-      const int64_t n = a.inner;
-      const Vec norms = (batch_totals<true>(v + d * n, v + d * n, n, rows) + Vec(acc_t(eps))).sqrt();  // (wn_norm)
-      norms.store(norm + d, rows);
-      acc_t scale[Vec::size()];
-      (batch_values(g, d, rows) / norms).store(scale);
-      for (int64_t r = 0; r < rows; ++r) {
-        scale_span(w + (d + r) * n, v + (d + r) * n, n, Coef<acc_t, false>{scale[r]}, stream);
-      }
-    });
+    auto pass = [&](auto streaming) {
+      for_batches<T>(a, [v, w, norm, g, eps, n = a.inner](int64_t d, int64_t rows) FASTNORM_INLINE_LAMBDA {
+        const Vec norms = (batch_totals<true>(v + d * n, v + d * n, n, rows) + Vec(acc_t(eps))).sqrt();  // (wn_norm)
+        norms.store(norm + d, rows);
+        acc_t scale[Vec::size()];
+        (batch_values(g, d, rows) / norms).store(scale);
+        for (int64_t r = 0; r < rows; ++r) {
+          scale_span(w + (d + r) * n, v + (d + r) * n, n, Coef<acc_t, false>{scale[r]}, decltype(streaming)::value);
+        }
+      });
+    };
+    stream ? pass(std::true_type{}) : pass(std::false_type{});  // (a constant in the loops)
     return;
   }
   // Grouped slices: the coefficients in float64 (the group's square roots and divisions
@@ -536,22 +540,24 @@ void backward_impl(const WeightNormArgs& a) {
   }
   if (row_batches(a, kMinRun, kBatchBackward)) {  // (as one at a time below: wn_grad_plain's operations)
     using Vec = Vectorized<acc_t>;
-    for_batches<T>(a, [&](int64_t d, int64_t rows) FASTNORM_INLINE_LAMBDA {
-      const int64_t n = a.inner;
-      const Vec dots = batch_totals<false>(gw + d * n, v + d * n, n, rows);
-      const Vec inv = Vec(acc_t(1)) / Vec::loadu(norm + d, rows);
-      const Vec gg = dots * inv;
-      acc_t grad_gs[Vec::size()], as[Vec::size()], cs[Vec::size()];
-      gg.store(grad_gs);
-      (batch_values(g, d, rows) * inv).store(as);
-      (gg.neg() * inv).store(cs);
-      for (int64_t r = 0; r < rows; ++r) {
-        grad_g.set(d + r, grad_gs[r]);
-        const int64_t off = (d + r) * n;
-        const Coef<acc_t, false> A{as[r]}, c{cs[r]};
-        grad_v_span<T, false, false>(gv + off, gw + off, v + off, n, A, c, c, stream);
-      }
-    });
+    auto pass = [&](auto streaming) {
+      for_batches<T>(a, [v, gw, gv, norm, g, grad_g, n = a.inner](int64_t d, int64_t rows) FASTNORM_INLINE_LAMBDA {
+        const Vec dots = batch_totals<false>(gw + d * n, v + d * n, n, rows);
+        const Vec inv = Vec(acc_t(1)) / Vec::loadu(norm + d, rows);
+        const Vec gg = dots * inv;
+        acc_t grad_gs[Vec::size()], as[Vec::size()], cs[Vec::size()];
+        gg.store(grad_gs);
+        (batch_values(g, d, rows) * inv).store(as);
+        (gg.neg() * inv).store(cs);
+        for (int64_t r = 0; r < rows; ++r) {
+          grad_g.set(d + r, grad_gs[r]);
+          const int64_t off = (d + r) * n;
+          const Coef<acc_t, false> A{as[r]}, c{cs[r]};
+          grad_v_span<T, false, false>(gv + off, gw + off, v + off, n, A, c, c, decltype(streaming)::value);
+        }
+      });
+    };
+    stream ? pass(std::true_type{}) : pass(std::false_type{});
     return;
   }
   if (one_by_one(a)) {  // in the accumulation type, no c_lo
@@ -602,9 +608,9 @@ void norms_impl(const WeightNormArgs& a) {
   }
   if (row_batches(a, 1, kBatchForward)) {  // (as forward)
     using Vec = Vectorized<acc_t>;
-    for_batches<T>(a, [&](int64_t d, int64_t rows) FASTNORM_INLINE_LAMBDA {
-      const Vec ss = batch_totals<true>(v + d * a.inner, v + d * a.inner, a.inner, rows);
-      (ss + Vec(acc_t(a.eps))).sqrt().store(norm + d, rows);
+    for_batches<T>(a, [v, norm, eps = a.eps, n = a.inner](int64_t d, int64_t rows) FASTNORM_INLINE_LAMBDA {
+      const Vec ss = batch_totals<true>(v + d * n, v + d * n, n, rows);
+      (ss + Vec(acc_t(eps))).sqrt().store(norm + d, rows);
     });
     return;
   }
