@@ -164,8 +164,8 @@ using Vec_t = typename Lanes<scalar_t>::Vec;
 
 // Pre-activation z = x * scale + shift (+ residual) of one vector block.
 template <typename scalar_t, class Cf, class N>
-inline void preact(const scalar_t* __restrict res, int64_t i, N n, const Cf& cf, const Vec_t<scalar_t>* xv,
-                   Vec_t<scalar_t>* z) {
+C10_ALWAYS_INLINE void preact(const scalar_t* __restrict res, int64_t i, N n, const Cf& cf,
+                              const Vec_t<scalar_t>* xv, Vec_t<scalar_t>* z) {
   using L = Lanes<scalar_t>;
   Vec_t<scalar_t> r[L::kVecs];
   if (res) L::load(res + i, r, n);
@@ -231,9 +231,9 @@ void deviation_sums_span(const scalar_t* __restrict x, int64_t n, const Cf& cf, 
 // The gradient at the pre-activation, dz = dy * act'(.), from the output y or the
 // recomputed pre-activation.
 template <typename scalar_t, Activation A, class Cf, class N>
-inline void grad_preact(const scalar_t* __restrict res, const scalar_t* __restrict y, const scalar_t* __restrict dy,
-                        bool needs_z, int64_t i, N n, const Cf& cf, const Vec_t<scalar_t>* xv,
-                        const Vec_t<scalar_t> slope, Vec_t<scalar_t>* dz) {
+C10_ALWAYS_INLINE void grad_preact(const scalar_t* __restrict res, const scalar_t* __restrict y, const scalar_t* __restrict dy,
+                                   bool needs_z, int64_t i, N n, const Cf& cf, const Vec_t<scalar_t>* xv,
+                                   const Vec_t<scalar_t> slope, Vec_t<scalar_t>* dz) {
   using L = Lanes<scalar_t>;
   L::load(dy + i, dz, n);
   if constexpr (A != Activation::None) {

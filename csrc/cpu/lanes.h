@@ -37,7 +37,7 @@ struct Lanes {
   static_assert(kVecs == 1 || kVecs == 2, "unexpected vector width");
 
   template <class N>
-  static inline void load(const scalar_t* p, Vec* out, N n) {
+  C10_ALWAYS_INLINE static void load(const scalar_t* p, Vec* out, N n) {
     constexpr bool full = !std::is_same_v<N, int64_t>;
     if constexpr (kVecs == 1) {
       out[0] = full ? Vec::loadu(p) : Vec::loadu(p, n);
@@ -50,7 +50,7 @@ struct Lanes {
   }
   // `stream`: a streaming store where p allows (see stream_store.h).
   template <class N>
-  static inline void store(scalar_t* p, const Vec* in, N n, bool stream = false) {
+  C10_ALWAYS_INLINE static void store(scalar_t* p, const Vec* in, N n, bool stream = false) {
     constexpr bool full = !std::is_same_v<N, int64_t>;
     if constexpr (kVecs == 1) {
       if constexpr (full) {
@@ -68,7 +68,7 @@ struct Lanes {
     }
   }
   // Two vectors of the accumulation type as one of scalar_t, rounded as at::vec rounds.
-  static inline Vectorized<scalar_t> from_float(const Vec& a, const Vec& b) {
+  C10_ALWAYS_INLINE static Vectorized<scalar_t> from_float(const Vec& a, const Vec& b) {
 #if defined(FASTNORM_AVX512_BF16)
     if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
       // One instruction for the 32 values, where at::vec's rounding takes sixteen. It flushes
