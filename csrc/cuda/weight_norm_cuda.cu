@@ -1,8 +1,9 @@
 // Weight norm on CUDA: one launch per direction. A slice is reduced (sum of squares forward,
 // sum of grad_w * v backward), then written while its values are in L1/L2. Slices made of
-// runs (dim 0, a middle dim) take one block each; when they are too few to fill the GPU (the
-// whole tensor is one slice) several blocks share a slice and meet at a grid-wide barrier
-// (a cooperative launch); last-dim slices (strided across rows) take tiles of columns.
+// runs (dim 0, a middle dim) take one block each, or a warp each when short; when they are
+// too few to fill the GPU (the whole tensor is one slice) several blocks share a slice and
+// meet at a grid-wide barrier (a cooperative launch); last-dim slices (strided across rows)
+// take tiles of columns.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -153,12 +154,42 @@ __global__ void __launch_bounds__(kThreads)
   for (uint32_t t = first; t < packs; t += step) Math::template write<VEC>(p, offset(t), k);
 }
 
+// Short slices (at most kWarpPacks packs): a warp each, kThreads / 32 slices to a block.
+// With a block each, most of its threads would have no value (dim 0 of a (50000, 16)
+// float32 embedding weight: 4 of 256). The butterfly reduction leaves the same total in every
+// lane (each step adds the same two values in either order), so every lane takes the
+// coefficients itself and the first stores the norm or grad_g. No block-wide barrier:
+// warps past the last slice return at once.
+constexpr int kWarpPacks = 2 * kWarpSize;
+
+template <Mode M, int VEC, typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    warp_slice_kernel(Pointers<scalar_t, acc_t> p, int64_t outer, int64_t D, int64_t inner,
+                      at::cuda::detail::IntDivider<uint32_t> div_packs) {
+  using Math = SliceMath<M, scalar_t, acc_t>;
+  using red_t = typename Math::red_t;
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t d = int64_t(blockIdx.x) * (kThreads / kWarpSize) + threadIdx.x / kWarpSize;
+  if (d >= D) return;
+  const uint32_t packs = uint32_t(outer * (inner / VEC));
+  auto offset = [&](uint32_t t) {
+    const auto q = div_packs.divmod(t);
+    return (int64_t(q.div) * D + d) * inner + int64_t(q.mod) * VEC;
+  };
+  red_t s = 0;
+  for (uint32_t t = lane; t < packs; t += kWarpSize) s += Math::template contribution<VEC>(p, offset(t));
+  const red_t total = warp_reduce(Sum<red_t>{s}, add<red_t>).s;
+  const WeightNormGrad<acc_t> k = Math::finish(p, d, total, lane == 0);
+  if constexpr (M == Mode::Norms) return;
+  for (uint32_t t = lane; t < packs; t += kWarpSize) Math::template write<VEC>(p, offset(t), k);
+}
+
 // Last-dim slices: `outer` rows of D values, slice d the column d. A block takes a tile of
 // blockDim.x columns; threadIdx.y walks the rows. Blocks of up to 1024 threads, four rows in
 // flight per thread, and tiles narrow enough to fill the GPU: a thread issues one 4-byte
 // access per row, so it takes many threads and loads in flight to keep memory busy (with 256
 // threads and 32-column tiles, 4096x4096 float32 ran at 0.19x of torch on an H200).
-constexpr int kColumnThreads = 1024, kColumnMaxWidth = 256, kColumnMinWidth = 8;
+constexpr int kColumnThreads = 1024, kColumnMaxWidth = 256, kSectorBytes = 32;
 
 template <Mode M, typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kColumnThreads)
@@ -252,15 +283,16 @@ void launch(const WeightNormArgs& a) {
                                       a.eps};
     const auto stream = at::cuda::getCurrentCUDAStream();
     if (a.inner == 1 && a.D > 1) {
-      // Columns a block takes: as many as leave blocks for 3/4 of the GPU's threads, at least
-      // kColumnMinWidth (a 32-byte sector of float32 per row). A (4096, 4096) weight takes
+      // Columns a block takes: as few as leave blocks for 3/4 of the GPU's threads, but a
+      // 32-byte sector of each row at least (8 float32 values). A (4096, 4096) weight takes
       // 16 (256 blocks, two per SM on an H100/H200), not 32 (128 blocks, half the threads
       // the SMs hold). Rows a block walks at once: the rest of its 1024 threads, a power of 2
       // (the tree over them), no more than the rows there are.
       const auto* prop = at::cuda::getCurrentDeviceProperties();
       const int64_t gpu_threads = int64_t(prop->maxThreadsPerMultiProcessor) * prop->multiProcessorCount;
+      const int min_tx = std::max<int>(8, kSectorBytes / int(sizeof(scalar_t)));
       int tx = kColumnMaxWidth;
-      while (tx > kColumnMinWidth && (a.D + tx - 1) / tx * kColumnThreads < gpu_threads * 3 / 4) tx /= 2;
+      while (tx > min_tx && (a.D + tx - 1) / tx * kColumnThreads < gpu_threads * 3 / 4) tx /= 2;
       int ty = kColumnThreads / tx;
       while (ty > 1 && ty / 2 >= a.outer) ty /= 2;
       const int64_t blocks = (a.D + tx - 1) / tx;
@@ -271,12 +303,19 @@ void launch(const WeightNormArgs& a) {
     TORCH_CHECK(a.outer * a.inner < (int64_t(1) << 31), "fastnorm.weight_norm (CUDA): a slice of ", a.outer * a.inner,
                 " values is too large (at most 2^31 - 1)");
     TORCH_CHECK(a.D < (int64_t(1) << 31), "fastnorm.weight_norm (CUDA): ", a.D,
-                " slices are too many for one block each (at most 2^31 - 1)");
+                " slices are too many (at most 2^31 - 1)");
     constexpr int V = vec_width<scalar_t>();
     const bool wide = a.inner % V == 0 && aligned16(a.v) && aligned16(a.grad_w) && aligned16(a.w) && aligned16(a.grad_v);
     auto run = [&](auto vec) {
       constexpr int VEC = decltype(vec)::value;
       at::cuda::detail::IntDivider<uint32_t> div_packs(uint32_t(a.inner / VEC));
+      if (a.outer * (a.inner / VEC) <= kWarpPacks) {
+        constexpr int64_t kWarps = kThreads / kWarpSize;
+        warp_slice_kernel<M, VEC, scalar_t, acc_t>
+            <<<(a.D + kWarps - 1) / kWarps, kThreads, 0, stream>>>(p, a.outer, a.D, a.inner, div_packs);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+        return;
+      }
       auto shared_kernel = slice_kernel<M, VEC, true, scalar_t, acc_t>;
       uint32_t parts = parts_per_slice(shared_kernel, a.D, a.outer * (a.inner / VEC));
       if (parts > 1) {
