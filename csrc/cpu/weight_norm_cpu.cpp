@@ -1,8 +1,9 @@
 // Weight norm on the CPU: one parallel pass per direction. A thread owns whole slices when
 // there are enough of them: it reduces a slice (sum of squares forward, sum of grad_w * v
 // backward) and writes it right away, while it is in cache. Few slices (the whole-tensor
-// norm) are cut into pieces reduced in parallel, then written in parallel. Slices made of
-// short runs (the last-dim norm) are walked row by row, vectorized across slices.
+// norm) are cut into pieces reduced in parallel, then written in parallel. Short dense rows
+// (dim 0 of a narrow weight) go in batches, a row per vector lane. Slices made of short runs
+// (the last-dim norm) are walked row by row, vectorized across slices.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -171,9 +172,10 @@ void for_slices(const WeightNormArgs& a, F&& f) {
 int64_t threads() { return std::max<int64_t>(1, at::get_num_threads()); }
 
 // Whether the backward's slices go one at a time through slice_pass: each one run of at least
-// kMinRun values (dim 0 of a dense weight), and enough of them for every thread. Measured
-// against the grouped loop, one thread, float32 (D, n) weights: one at a time is 1.3x faster
-// at n = 32 and 48, 1.2x at 64-128, about even at 512-2304.
+// kMinRun values (dim 0 of a dense weight; up to kBatchBackward values they go in batches,
+// below), and enough of them for every thread. Measured against the grouped loop, one
+// thread, float32 (D, n) weights: one at a time was 1.3x faster at n = 32 and 48, 1.2x at
+// 64-128, about even at 512-2304.
 bool one_by_one(const WeightNormArgs& a) {
   return a.outer == 1 && a.inner >= kMinRun && (a.D >= 4 * threads() || a.D * a.inner <= kGrain);
 }
@@ -316,6 +318,13 @@ void for_batches(const WeightNormArgs& a, F&& f) {
     for (int64_t b = b0; b < b1; ++b) f_(b * R, std::min(R, D - b * R));
     stream_fence();
   });
+}
+
+// The norms of a batch's rows (wn_norm), as a vector.
+template <typename T>
+C10_ALWAYS_INLINE Vectorized<at::opmath_type<T>> batch_norms(const T* v, int64_t n, int64_t rows, double eps) {
+  using A = at::opmath_type<T>;
+  return (batch_totals<true>(v, v, n, rows) + Vectorized<A>(A(eps))).sqrt();
 }
 
 // g's values for a batch's rows (1 past the last row), as a vector.
@@ -484,7 +493,7 @@ void forward_impl(const WeightNormArgs& a) {
     using Vec = Vectorized<acc_t>;
     auto pass = [&](auto streaming) {
       for_batches<T>(a, [v, w, norm, g, eps, n = a.inner](int64_t d, int64_t rows) FASTNORM_INLINE_LAMBDA {
-        const Vec norms = (batch_totals<true>(v + d * n, v + d * n, n, rows) + Vec(acc_t(eps))).sqrt();  // (wn_norm)
+        const Vec norms = batch_norms(v + d * n, n, rows, eps);
         norms.store(norm + d, rows);
         acc_t scale[Vec::size()];
         (batch_values(g, d, rows) / norms).store(scale);
@@ -607,10 +616,8 @@ void norms_impl(const WeightNormArgs& a) {
     return;
   }
   if (row_batches(a, 1, kBatchForward)) {  // (as forward)
-    using Vec = Vectorized<acc_t>;
     for_batches<T>(a, [v, norm, eps = a.eps, n = a.inner](int64_t d, int64_t rows) FASTNORM_INLINE_LAMBDA {
-      const Vec ss = batch_totals<true>(v + d * n, v + d * n, n, rows);
-      (ss + Vec(acc_t(eps))).sqrt().store(norm + d, rows);
+      batch_norms(v + d * n, n, rows, eps).store(norm + d, rows);
     });
     return;
   }
