@@ -111,6 +111,14 @@ struct SliceMath {
   }
 };
 
+// Where pack t of slice d starts: run t / (inner / VEC), pack t % (inner / VEC) of that run.
+template <int VEC>
+__device__ __forceinline__ int64_t pack_offset(const at::cuda::detail::IntDivider<uint32_t>& div_packs, uint32_t t,
+                                               int64_t D, int64_t d, int64_t inner) {
+  const auto q = div_packs.divmod(t);
+  return (int64_t(q.div) * D + d) * inner + int64_t(q.mod) * VEC;
+}
+
 // Slice d of `outer` runs of `inner` values, run o at (o * D + d) * inner. Packs of VEC
 // values when inner % VEC == 0 and every pointer is 16-byte aligned (VEC is 1 otherwise).
 // Without kShared, one block per slice (d = blockIdx.x). With kShared, `parts` blocks to a
@@ -133,10 +141,7 @@ __global__ void __launch_bounds__(kThreads)
   const uint32_t part = blockIdx.x % n_parts;
   const uint32_t packs = uint32_t(outer * (inner / VEC));
   const uint32_t first = part * blockDim.x + threadIdx.x, step = n_parts * blockDim.x;
-  auto offset = [&](uint32_t t) {
-    const auto q = div_packs.divmod(t);
-    return (int64_t(q.div) * D + d) * inner + int64_t(q.mod) * VEC;
-  };
+  auto offset = [&](uint32_t t) { return pack_offset<VEC>(div_packs, t, D, d, inner); };
   red_t s = 0;
   for (uint32_t t = first; t < packs; t += step) s += Math::template contribution<VEC>(p, offset(t));
   Sum<red_t> total = block_reduce(Sum<red_t>{s}, add<red_t>, Sum<red_t>{red_t(0)}, shared);
@@ -172,10 +177,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t d = int64_t(blockIdx.x) * (kThreads / kWarpSize) + threadIdx.x / kWarpSize;
   if (d >= D) return;
   const uint32_t packs = uint32_t(outer * (inner / VEC));
-  auto offset = [&](uint32_t t) {
-    const auto q = div_packs.divmod(t);
-    return (int64_t(q.div) * D + d) * inner + int64_t(q.mod) * VEC;
-  };
+  auto offset = [&](uint32_t t) { return pack_offset<VEC>(div_packs, t, D, d, inner); };
   red_t s = 0;
   for (uint32_t t = lane; t < packs; t += kWarpSize) s += Math::template contribution<VEC>(p, offset(t));
   const red_t total = warp_reduce(Sum<red_t>{s}, add<red_t>).s;
