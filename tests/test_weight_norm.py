@@ -40,8 +40,10 @@ CASES = [  # shape, dim: 0, last, middle, negative, whole tensor (None and -1)
     ((37, 19), 0), ((37, 19), 1), ((6, 5, 7), 1), ((6, 5, 7), -2), ((4, 3, 2, 5), 2),
     ((16, 8, 3, 3), 0), ((16, 8, 3, 3), 3), ((7, 13), None), ((3, 4, 5), -1), ((1025,), 0), ((2, 4097), 0),
     # the CPU kernel's paths: slices of single values or short runs (scalar), runs of 40;
-    # short runs walked by rows over several row blocks and column chunks, inner 1 and 3
+    # short runs walked by rows over several row blocks and column chunks, inner 1 and 3;
+    # short runs in slices of fewer than 32 values (exact products)
     ((1, 50), 1), ((500, 3), 0), ((4, 70, 40), 1), ((300, 4100), 1), ((600, 40, 3), 1),
+    ((20, 30), 1), ((3, 40, 2), 1),
     # dim 0 of dense rows: in batches of one row per vector lane (forward up to 256 values a
     # row, backward 32 to 128), the last batch short; longer rows one at a time (backward)
     ((40, 48), 0), ((300, 2, 16), 0), ((45, 128), 0), ((19, 256), 0), ((64, 200), 0),
