@@ -415,6 +415,10 @@ void column_totals(const T* p, const T* q, int64_t rows, int64_t W, double* tota
   }
 }
 
+// Slices of fewer than kMinRun values, whose gradient can cancel: their dots take exact
+// products and grad_v takes c_lo too.
+inline bool short_slices(const WeightNormArgs& a) { return a.outer * a.inner < kMinRun; }
+
 // A single row of short runs (a (D, 3) weight's dim 0: contiguous slices) stays with the
 // slices: the walk by rows would need per-position arrays as large as the weight.
 inline bool short_runs(const WeightNormArgs& a) { return a.D > 1 && a.inner < kMinRun && a.outer > 1; }
@@ -427,7 +431,7 @@ inline bool short_runs(const WeightNormArgs& a) { return a.D > 1 && a.inner < kM
 // bfloat16 1.02x-1.08x -> 1.21x-1.27x.
 template <typename T>
 std::vector<double> short_run_totals(const WeightNormArgs& a, const T* p, const T* q) {
-  const bool exact = p != q && a.outer * a.inner < kMinRun;
+  const bool exact = p != q && short_slices(a);
   auto columns_of = [&](int64_t W, double* out) {
     if (exact) {
       column_totals<true>(p, q, a.outer, W, out);
@@ -547,7 +551,7 @@ void backward_impl(const WeightNormArgs& a) {
     for_slices(a, [&](int64_t d) { k[d] = finish(d, dots[d]); });
     const auto A = row_lanes<T>(a, [&](int64_t d) { return k[d].a; });
     const auto hi = row_lanes<T>(a, [&](int64_t d) { return k[d].c_hi; });
-    if (a.outer * a.inner >= kMinRun) {  // c_hi alone (as the grouped slices below)
+    if (!short_slices(a)) {  // c_hi alone (as the grouped slices below)
       for_row_chunks(a, [&](int64_t off, int64_t c0, int64_t n) {
         const Coef<acc_t, true> c{hi.data() + c0};
         grad_v_span<T, true, false>(gv + off, gw + off, v + off, n, Coef<acc_t, true>{A.data() + c0}, c, c, stream);
@@ -604,12 +608,11 @@ void backward_impl(const WeightNormArgs& a) {
         true);
     return;
   }
-  const bool short_slices = a.outer * a.inner < kMinRun;
   slice_pass(
       a, gw, v, finish,
-      [gv, gw, v, short_slices, stream](int64_t off, int64_t n, const WeightNormGrad<acc_t>& k) FASTNORM_INLINE_LAMBDA {
+      [gv, gw, v, with_lo = short_slices(a), stream](int64_t off, int64_t n, const WeightNormGrad<acc_t>& k) FASTNORM_INLINE_LAMBDA {
         const Coef<acc_t, false> A{k.a}, hi{k.c_hi}, lo{k.c_lo};
-        if (short_slices) {
+        if (with_lo) {
           grad_v_span<T, false, true>(gv + off, gw + off, v + off, n, A, hi, lo, stream);
         } else if (stream) {  // (the compiled loop still tests the flag per store; a template constant measured slower)
           grad_v_span<T, false, false>(gv + off, gw + off, v + off, n, A, hi, lo, true);
