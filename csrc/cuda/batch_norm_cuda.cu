@@ -264,13 +264,11 @@ void with_pack_width(int vec, F&& f) {
 
 // The most dynamic shared memory a block of `kernel` may have on the current device (the
 // opt-in limit less the kernel's static shared memory), set as the kernel's limit on first
-// use so that no launch ever needs a different one; and how many blocks of kThreads
-// threads with `bytes` of it one multiprocessor holds at once. Both remembered: the driver
-// calls cost more than a launch.
+// use so that no launch ever needs a different one. Remembered: the driver calls cost more
+// than a launch.
 struct SharedMemory {
   std::mutex mutex;
   std::map<std::pair<int, const void*>, int64_t> limit;
-  std::map<std::tuple<int, const void*, int64_t>, int> resident;
 };
 
 SharedMemory& shared_memory() {
@@ -293,18 +291,6 @@ int64_t dynamic_shared_limit(const void* kernel) {
   return limit;
 }
 
-int resident_blocks(const void* kernel, int64_t bytes) {
-  SharedMemory& s = shared_memory();
-  const auto key = std::make_tuple(int(c10::cuda::current_device()), kernel, bytes);
-  std::lock_guard<std::mutex> lock(s.mutex);
-  auto it = s.resident.find(key);
-  if (it != s.resident.end()) return it->second;
-  int blocks = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, kThreads, size_t(bytes)));
-  s.resident.emplace(key, blocks);
-  return blocks;
-}
-
 // The dynamic shared memory of an on-chip launch of `kernel` holding `slabs` tensors per
 // channel, or 0 when the on-chip kernels do not apply: channels innermost, or planes too
 // short for coalesced reads; slabs that leave fewer than two blocks per multiprocessor; or
@@ -320,7 +306,7 @@ size_t on_chip_bytes(Kernel* kernel, const Layout& L, int64_t elem, int slabs) {
   if (L.count() > limit) return 0;  // (before the product below can overflow)
   const int64_t bytes = L.count() * elem * slabs;
   if (bytes > limit) return 0;
-  const int per_sm = resident_blocks(k, bytes);
+  const int per_sm = resident_blocks(k, kThreads, bytes);
   if (per_sm < 2 || L.C < int64_t(std::min(per_sm, 3)) * sms) return 0;
   return size_t(bytes);
 }

@@ -1,11 +1,16 @@
-// Device helpers shared by the CUDA kernels: 16-byte packs, warp and block reductions,
-// and the walk of a flat index over (plane, channel, position).
+// Helpers shared by the CUDA kernels: 16-byte packs, warp and block reductions, the walk
+// of a flat index over (plane, channel, position), and the host's occupancy query.
 #pragma once
 
 #include <ATen/cuda/detail/IntegerDivider.cuh>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/macros/Macros.h>
 
 #include <cstdint>
+#include <map>
+#include <mutex>
+#include <tuple>
 
 namespace fastnorm::cuda {
 
@@ -89,5 +94,21 @@ struct ChannelWalk {
     }
   }
 };
+
+// Blocks of `kernel` of `threads` threads with `bytes` of dynamic shared memory that one
+// multiprocessor of the current device holds at once; asked of the driver once per device,
+// kernel and size (the call costs more than a launch).
+inline int resident_blocks(const void* kernel, int threads, int64_t bytes) {
+  static std::mutex mutex;
+  static std::map<std::tuple<int, const void*, int, int64_t>, int> cache;
+  const auto key = std::make_tuple(int(c10::cuda::current_device()), kernel, threads, bytes);
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  int blocks = 0;
+  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, kernel, threads, size_t(bytes)));
+  cache.emplace(key, blocks);
+  return blocks;
+}
 
 }  // namespace fastnorm::cuda

@@ -9,14 +9,10 @@
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAFunctions.h>
 #include <cooperative_groups.h>
 
 #include <algorithm>
-#include <map>
-#include <mutex>
 #include <type_traits>
-#include <utility>
 
 #include "common/weight_norm_math.h"
 #include "cuda/cuda_utils.cuh"
@@ -227,20 +223,6 @@ __global__ void __launch_bounds__(kColumnThreads)
 // kMinPacksPerThread packs for each thread.
 constexpr int64_t kMinPacksPerThread = 8;
 
-// Blocks of a kThreads launch of `kernel` an SM holds, queried once per device and kernel.
-int resident_per_sm(const void* kernel) {
-  static std::mutex mutex;
-  static std::map<std::pair<int, const void*>, int> cache;
-  const auto key = std::make_pair(int(c10::cuda::current_device()), kernel);
-  std::lock_guard<std::mutex> lock(mutex);
-  auto it = cache.find(key);
-  if (it != cache.end()) return it->second;
-  int per_sm = 0;
-  C10_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0));
-  cache.emplace(key, per_sm);
-  return per_sm;
-}
-
 template <typename Kernel>
 uint32_t parts_per_slice(Kernel kernel, int64_t D, int64_t packs) {
   const auto* prop = at::cuda::getCurrentDeviceProperties();
@@ -253,7 +235,8 @@ uint32_t parts_per_slice(Kernel kernel, int64_t D, int64_t packs) {
   C10_CUDA_CHECK(cudaStreamIsCapturing(at::cuda::getCurrentCUDAStream(), &capturing));
   if (capturing != cudaStreamCaptureStatusNone) return 1;
 #endif
-  const int64_t resident = int64_t(resident_per_sm(reinterpret_cast<const void*>(kernel))) * prop->multiProcessorCount;
+  const int64_t resident =
+      int64_t(resident_blocks(reinterpret_cast<const void*>(kernel), kThreads, 0)) * prop->multiProcessorCount;
   const int64_t by_work = packs / (kThreads * kMinPacksPerThread);
   return uint32_t(std::max<int64_t>(1, std::min(resident / std::max<int64_t>(D, 1), by_work)));
 }
