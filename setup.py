@@ -118,6 +118,21 @@ def cuda_arch_list():
     return "8.0;9.0"
 
 
+def process_libstdcxx():
+    """The libstdc++ this process (torch) runs with, where one is loaded: named on the link
+    line, it resolves the extension's C++ runtime references before any static copy that the
+    compiler's defaults or flags would add (-static-libstdc++, or a compiler with no shared
+    runtime of its own, as /opt/gcc on one GPU machine's image). Two copies in one process
+    crash the first error message that formats a number: the copy's stream code looks up
+    locale facets registered by the other."""
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split()[-1] for line in f if "/libstdc++.so" in line}
+    except OSError:
+        return []
+    return sorted(p for p in paths if os.path.isfile(p))[:1]
+
+
 def extension():
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
     with_cuda = want_cuda() and bool(cuda_sources)
@@ -131,7 +146,7 @@ def extension():
     # No -std flag: torch.utils.cpp_extension adds the standard this torch needs (C++17 or 20).
     # -fno-math-errno: sqrt and friends vectorize (nothing here reads errno).
     cxx = ["-O3", "-fno-math-errno", "-fopenmp", "-Wno-unknown-pragmas"] + cap_flags
-    kwargs = dict(include_dirs=[os.path.join(ROOT, "csrc")], extra_link_args=["-fopenmp"])
+    kwargs = dict(include_dirs=[os.path.join(ROOT, "csrc")], extra_link_args=["-fopenmp"] + process_libstdcxx())
     if not with_cuda:
         return CppExtension("fastnorm._C", sources, define_macros=macros,
                             extra_compile_args={"cxx": cxx}, **kwargs)
@@ -148,24 +163,9 @@ def extension():
                          extra_compile_args={"cxx": cxx, "nvcc": nvcc}, **kwargs)
 
 
-class BuildExt(BuildExtension):
-    """torch's builder, linking the C++ runtime as a shared library even where the toolchain's
-    flags ask for a static copy (-static-libstdc++ in LDFLAGS or Python's LDSHARED): torch's
-    own libraries use the process's libstdc++, and a second copy inside the extension crashes
-    on the first number it formats into a stream (two sets of locale facets)."""
-
-    def build_extensions(self):
-        for attr in ("linker_so", "linker_so_cxx", "linker_exe"):
-            cmd = getattr(self.compiler, attr, None)
-            if isinstance(cmd, list) and "-static-libstdc++" in cmd:
-                print(f"fastnorm: -static-libstdc++ dropped from the link ({attr})")
-                setattr(self.compiler, attr, [arg for arg in cmd if arg != "-static-libstdc++"])
-        super().build_extensions()
-
-
 setup(
     name="fastnorm",
     packages=find_packages(include=["fastnorm", "fastnorm.*"]),
     ext_modules=[extension()],
-    cmdclass={"build_ext": BuildExt.with_options(use_ninja=True)},
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
 )
