@@ -131,8 +131,11 @@ void reduce(const NormArgs& a, const Op& op, const Finish& finish, std::initiali
   with_vec<scalar_t>(aligned && L.C % V == 0, [&](auto vec) {
     constexpr int VEC = decltype(vec)::value;
     const int64_t channel_packs = (L.C + VEC - 1) / VEC;
+    // A tile reads at most a 128-byte line of each row: more tiles, so fewer row splits for
+    // the same blocks, and fewer partials for each tile's last block to merge.
+    const int tx_max = std::clamp(128 / int(VEC * sizeof(scalar_t)), 1, 32);
     int tx = 1;
-    while (tx < 32 && tx < channel_packs) tx *= 2;
+    while (tx < tx_max && tx < channel_packs) tx *= 2;
     const int ty = kThreads / tx;
     const int64_t tiles = (channel_packs + tx - 1) / tx;
     int64_t splits = std::clamp<int64_t>((target_blocks + tiles - 1) / tiles, 1,

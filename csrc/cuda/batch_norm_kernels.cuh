@@ -245,13 +245,32 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Merges the states s[VEC] of the block's threads (tx, ty) over ty, in shared memory
+// ([TY][TX][VEC], TY a power of two): the totals are left at smem[tx * VEC + e].
+template <typename Op, int VEC, typename State = typename Op::State>
+__device__ __forceinline__ void merge_over_ty(const State (&s)[VEC], State* smem, int TX, int TY, int tx, int ty) {
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) smem[(ty * TX + tx) * VEC + e] = s[e];
+  __syncthreads();
+  for (int stride = TY / 2; stride > 0; stride /= 2) {
+    if (ty < stride) {
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        State& a = smem[(ty * TX + tx) * VEC + e];
+        a = Op::merge(a, smem[((ty + stride) * TX + tx) * VEC + e]);
+      }
+    }
+    __syncthreads();
+  }
+}
+
 // Channels innermost, M rows of C: blockIdx.x is a tile of TX * VEC channels, blockIdx.y
 // one of `splits` parts of the rows (front to back, as above); thread (tx, ty) holds the
 // states of VEC channels over rows ty, ty + TY, ... Partials go to ws[split * C + c]; a
-// tile's last block merges them, with every thread: `share` threads to a channel, each over
-// every share-th partial, then in shared memory. (One thread to a channel walked up to 528
-// partials in sequence: on an H200, channels_last forward ran at 0.38x-0.8x of torch where
-// a tile held every channel and the rows took hundreds of splits.)
+// tile's last block merges them the same way, thread (tx, ty) over partials ty, ty + TY, ...
+// then a tree over ty: TY partials in flight at a time. (One thread to a channel walking
+// every partial in turn cost about 0.3 us a partial on an H200: 80-160 us of a 25 MB
+// channels_last forward, where the tile held every channel and the rows took 500 splits.)
 template <int VEC, typename scalar_t, typename Op, typename Finish>
 __global__ void __launch_bounds__(kThreads)
     reduce_rows_kernel(Op op, Finish finish, int64_t M, int64_t C, int64_t rows_per_split, typename Op::State* ws,
@@ -272,42 +291,29 @@ __global__ void __launch_bounds__(kThreads)
     s[e] = Op::identity();
   }
   const int64_t r0 = split * rows_per_split, r1 = r0 + rows_per_split < M ? r0 + rows_per_split : M;
+  // Several rows' loads in flight per thread (float64's registers only hold one row's).
+  constexpr int kRowsInFlight = sizeof(acc_t) == 8 ? 1 : 4;
   if (lanes > 0) {
+#pragma unroll kRowsInFlight
     for (int64_t r = r0 + ty; r < r1; r += TY) op.template add_row<VEC>(s, r * C + c0, k);
   }
-  // Reduce over ty in shared memory.
-#pragma unroll
-  for (int e = 0; e < VEC; ++e) smem[(ty * TX + tx) * VEC + e] = s[e];
-  __syncthreads();
-  for (int stride = TY / 2; stride > 0; stride /= 2) {
-    if (ty < stride) {
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) {
-        State& a = smem[(ty * TX + tx) * VEC + e];
-        a = Op::merge(a, smem[((ty + stride) * TX + tx) * VEC + e]);
-      }
-    }
-    __syncthreads();
-  }
+  merge_over_ty<Op, VEC>(s, smem, TX, TY, tx, ty);
   if (ty == 0) {
     for (int e = 0; e < lanes; ++e) ws[split * C + c0 + e] = smem[tx * VEC + e];
   }
   if (!last_block_done(&counters[blockIdx.x], splits)) return;
-  const int width = TX * VEC;  // channels of the tile, at most the block size
-  const int share = block_size() / width;
-  const int i = thread_rank() % width, q = thread_rank() / width;
-  const int64_t c = int64_t(blockIdx.x) * width + i;
-  const bool active = q < share && c < C;
-  State t = Op::identity();
-  if (active) {
-    for (int j = q; j < splits; j += share) t = Op::merge(t, load_partial(&ws[int64_t(j) * C + c]));
+  // smem was last read (above) before last_block_done's barrier.
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) s[e] = Op::identity();
+  if (lanes > 0) {
+    for (int j = ty; j < splits; j += TY) {
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) s[e] = Op::merge(s[e], load_partial(&ws[int64_t(j) * C + c0 + e]));
+    }
   }
-  // smem ([TY][TX * VEC] states) was last read before last_block_done's barrier.
-  if (q < share) smem[q * width + i] = t;
-  __syncthreads();
-  if (active && q == 0) {
-    for (int r = 1; r < share && r < splits; ++r) t = Op::merge(t, smem[r * width + i]);  // (no empty states)
-    finish(c, t);
+  merge_over_ty<Op, VEC>(s, smem, TX, TY, tx, ty);
+  if (ty == 0) {
+    for (int e = 0; e < lanes; ++e) finish(c0 + e, smem[tx * VEC + e]);
   }
 }
 
@@ -458,6 +464,30 @@ struct SumsFinish {
 // it front to back, so their first reads find what L2 still holds of its last ones (a
 // front-to-back walk would evict those lines before reaching them).
 
+// The coefficients of the channels that a thread's VEC pack slots held last, read again only
+// when a slot's channel changes: channels innermost, a slot keeps its channel from one step
+// to the next whenever the grid's stride (blocks * kThreads * VEC values) is a multiple of
+// C, as for power-of-two channel counts; planar, while it stays in a plane. (Read per value,
+// channels innermost, a warp's loads spread over kilobytes of coefficients: on an H200 the
+// bfloat16 normalize took 54 us for 25 MB, 3x the float32 one for the same bytes.)
+template <int VEC, typename acc_t>
+struct CoefCache {
+  const ChannelCoef<acc_t>* __restrict__ coef;
+  ChannelCoef<acc_t> k[VEC];
+  uint32_t c[VEC];
+  __device__ __forceinline__ explicit CoefCache(const ChannelCoef<acc_t>* p) : coef(p) {
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) c[e] = UINT32_MAX;
+  }
+  __device__ __forceinline__ const ChannelCoef<acc_t>& at(int e, uint32_t channel) {
+    if (channel != c[e]) {
+      c[e] = channel;
+      k[e] = coef[channel];
+    }
+    return k[e];
+  }
+};
+
 // out = act(x * scale + shift (+ residual)).
 template <int VEC, typename scalar_t, typename acc_t, Activation A>
 __global__ void __launch_bounds__(kThreads)
@@ -468,6 +498,7 @@ __global__ void __launch_bounds__(kThreads)
   const index_t tid = index_t(blockIdx.x) * blockDim.x + threadIdx.x, stride = index_t(gridDim.x) * blockDim.x;
   if (num_batches_tracked && tid == 0) *num_batches_tracked += 1;  // after the statistics' reads
   const index_t packs = numel / VEC;
+  CoefCache<VEC, acc_t> cache(coef);
   for (index_t p = tid; p < packs; p += stride) {
     const index_t i0 = (packs - 1 - p) * VEC;
     auto pos = walk.at(i0);
@@ -476,7 +507,7 @@ __global__ void __launch_bounds__(kThreads)
     if (res) rs = load_pack<VEC>(res + i0);
 #pragma unroll
     for (int e = 0; e < VEC; ++e) {
-      ys.v[e] = scalar_t(forward_value<acc_t, A>(coef[pos.c], acc_t(xs.v[e]), res != nullptr,
+      ys.v[e] = scalar_t(forward_value<acc_t, A>(cache.at(e, pos.c), acc_t(xs.v[e]), res != nullptr,
                                                  res ? acc_t(rs.v[e]) : acc_t(0), slope));
       walk.next(pos);
     }
@@ -496,6 +527,7 @@ __global__ void __launch_bounds__(kThreads)
   using index_t = uint32_t;
   const index_t tid = index_t(blockIdx.x) * blockDim.x + threadIdx.x, stride = index_t(gridDim.x) * blockDim.x;
   const index_t packs = numel / VEC;
+  CoefCache<VEC, acc_t> cache(coef);
   for (index_t p = tid; p < packs; p += stride) {
     const index_t i0 = (packs - 1 - p) * VEC;
     auto pos = walk.at(i0);
@@ -505,7 +537,7 @@ __global__ void __launch_bounds__(kThreads)
     if (op.v) vs = load_pack<VEC>(op.v + i0);
 #pragma unroll
     for (int e = 0; e < VEC; ++e) {
-      const ChannelCoef<acc_t>& k = coef[pos.c];
+      const ChannelCoef<acc_t>& k = cache.at(e, pos.c);
       const acc_t xv = acc_t(xs.v[e]);
       const acc_t dz = op.grad_preact(acc_t(dys.v[e]), xv, op.v ? acc_t(vs.v[e]) : acc_t(0), k);
       gz.v[e] = scalar_t(dz);
