@@ -464,14 +464,20 @@ std::vector<at::opmath_type<T>> row_lanes(const WeightNormArgs& a, F&& value_of_
 }
 
 // Runs f(offset, first position, count) over the rows of a short-run weight in chunks of at
-// most kColumns positions, in parallel, then fences streaming stores.
+// most kColumns positions, in parallel, then fences streaming stores. Rows of one chunk take
+// no division per row: a (4096, 32) weight's dim-1 forward, one thread, took 50 us with one
+// (torch: 34 us), 37-39 us without.
 template <typename F>
 void for_row_chunks(const WeightNormArgs& a, F&& f) {
   const int64_t W = a.D * a.inner, chunks = (W + kColumns - 1) / kColumns;
   at::parallel_for(0, a.outer * chunks, std::max<int64_t>(1, kGrain / std::min(W, kColumns)), [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t r = t / chunks, c0 = (t % chunks) * kColumns;
-      f(r * W + c0, c0, std::min(kColumns, W - c0));
+    if (chunks == 1) {
+      for (int64_t r = t0; r < t1; ++r) f(r * W, int64_t(0), W);
+    } else {
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t r = t / chunks, c0 = (t % chunks) * kColumns;
+        f(r * W + c0, c0, std::min(kColumns, W - c0));
+      }
     }
     stream_fence();
   });
