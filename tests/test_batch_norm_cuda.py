@@ -57,11 +57,19 @@ def test_odd_sizes_and_many_channels(shape, layout):
 @pytest.mark.parametrize("shape", [(32, 64, 28, 28), (16, 24, 30, 30)], ids=["64 channels", "24 channels"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_channels_last_with_many_row_splits(shape, dtype):
-    """channels_last with every channel in one tile and the rows in ~200 splits: the tile's
-    last block merges the partials with several threads to a channel."""
+    """channels_last with the rows in hundreds of splits: each tile's last block merges them."""
     x = (torch.randn(shape, device="cuda") * 2 + 3).to(dtype).to(memory_format=torch.channels_last)
     w, b = torch.rand(shape[1], device="cuda") + 0.5, torch.randn(shape[1], device="cuda")
     compare_train(x, w, b, dtype)
+
+
+@pytest.mark.parametrize("shape,dtype", [((8, 72, 20, 20), torch.bfloat16), ((8, 40, 20, 20), torch.float32),
+                                         ((8, 24, 20, 20), torch.float64), ((8, 40, 20, 20), torch.float16)], ids=str)
+def test_channels_last_with_a_partly_filled_last_tile(shape, dtype):
+    """Channel tiles read at most 128 bytes of a row: 72 bfloat16 channels are nine 16-byte
+    packs, tiles of eight, so the last tile holds one; 40 float32 channels ten packs; float64
+    packs of two values."""
+    check_matches_torch("cuda", "channels_last", shape, dtype, training=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -312,9 +312,7 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   merge_over_ty<Op, VEC>(s, smem, TX, TY, tx, ty);
-  if (ty == 0) {
-    for (int e = 0; e < lanes; ++e) finish(c0 + e, smem[tx * VEC + e]);
-  }
+  if (ty < lanes) finish(c0 + ty, smem[tx * VEC + ty]);  // a channel to a thread (TY >= 8 >= VEC)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -467,7 +465,8 @@ struct SumsFinish {
 // The coefficients of the channels that a thread's VEC pack slots held last, read again only
 // when a slot's channel changes: channels innermost, a slot keeps its channel from one step
 // to the next whenever the grid's stride (blocks * kThreads * VEC values) is a multiple of
-// C, as for power-of-two channel counts; planar, while it stays in a plane. (Read per value,
+// C, as for power-of-two channel counts. Planar, the stride usually passes a plane, and the
+// cache only saves the reads within a step. (Read per value,
 // channels innermost, a warp's loads spread over kilobytes of coefficients: on an H200 the
 // bfloat16 normalize took 54 us for 25 MB, 3x the float32 one for the same bytes.)
 template <int VEC, typename acc_t>
