@@ -351,7 +351,8 @@ C10_ALWAYS_INLINE Vectorized<A> batch_values(const SliceValues<T, A>& g, int64_t
 // plain fused multiply-adds (a (1024, 256) weight's dim-1 forward, one thread: 0.77x-0.80x
 // of torch with the lo half, 0.81x-0.86x without).
 // Blocks add in the accumulation type; their totals in float64, in a fixed order.
-template <bool kExact, typename T>
+// kSquares: q is p (sums of squares), loaded once.
+template <bool kExact, bool kSquares, typename T>
 void column_totals(const T* p, const T* q, int64_t rows, int64_t W, double* total) {
   using L = Lanes<T>;
   using Vec = typename L::Vec;
@@ -390,18 +391,19 @@ void column_totals(const T* p, const T* q, int64_t rows, int64_t W, double* tota
             Vec x[L::kVecs], y[L::kVecs];
             if (n == L::kWidth) {
               L::load(p + off, x, typename L::Full{});
-              L::load(q + off, y, typename L::Full{});
+              if constexpr (!kSquares) L::load(q + off, y, typename L::Full{});
             } else {
               L::load(p + off, x, n);
-              L::load(q + off, y, n);
+              if constexpr (!kSquares) L::load(q + off, y, n);
             }
             for (int64_t k = 0; k < L::kVecs; ++k) {
+              const Vec& b = kSquares ? x[k] : y[k];
               if constexpr (kExact) {
-                const Vec prod = x[k] * y[k];
+                const Vec prod = x[k] * b;
                 h[k] = h[k] + prod;
-                l[k] = l[k] + at::vec::fmsub(x[k], y[k], prod);
+                l[k] = l[k] + at::vec::fmsub(x[k], b, prod);
               } else {
-                h[k] = at::vec::fmadd(x[k], y[k], h[k]);
+                h[k] = at::vec::fmadd(x[k], b, h[k]);
               }
             }
           }
@@ -431,7 +433,7 @@ inline bool short_slices(const WeightNormArgs& a) { return a.outer * a.inner < k
 inline bool short_runs(const WeightNormArgs& a) { return a.D > 1 && a.inner < kMinRun && a.outer > 1; }
 
 // Per-slice totals of p * q for short runs (sums of squares where p == q). Products are
-// exact (column_totals<true>) only for a dot of two tensors over slices shorter than
+// exact (column_totals<true, false>) only for a dot of two tensors over slices shorter than
 // kMinRun, the slices whose gradient can cancel (as grad_v_span's c_lo); longer ones add
 // plain products and take c_hi alone, as torch's kernel. Last dim, fwd+bwd against torch:
 // (1024, 256) 0.88x-0.91x -> 0.90x-0.95x, 4096x4096 1.07x-1.14x -> 1.11x-1.27x, in
@@ -441,9 +443,11 @@ std::vector<double> short_run_totals(const WeightNormArgs& a, const T* p, const 
   const bool exact = p != q && short_slices(a);
   auto columns_of = [&](int64_t W, double* out) {
     if (exact) {
-      column_totals<true>(p, q, a.outer, W, out);
+      column_totals<true, false>(p, q, a.outer, W, out);
+    } else if (p == q) {
+      column_totals<false, true>(p, q, a.outer, W, out);
     } else {
-      column_totals<false>(p, q, a.outer, W, out);
+      column_totals<false, false>(p, q, a.outer, W, out);
     }
   };
   std::vector<double> total(a.D);
