@@ -379,39 +379,58 @@ void column_totals(const T* p, const T* q, int64_t rows, int64_t W, double* tota
       const int64_t r_end = std::min(rows, (b + 1) * kRowBlock);
       for (int64_t r0 = b * kRowBlock; r0 < r_end; r0 += kRowGroup) {
         const int64_t nr = std::min(kRowGroup, r_end - r0);
-        for (int64_t i = 0; i < nc; i += L::kWidth) {
-          const int64_t n = std::min(L::kWidth, nc - i);
-          Vec h[L::kVecs], l[L::kVecs];
-          for (int64_t k = 0; k < L::kVecs; ++k) {
-            h[k] = Vec::loadu(hi.data() + i + k * Vec::size());
-            if constexpr (kExact) l[k] = Vec::loadu(lo.data() + i + k * Vec::size());
+        // nw vector widths from column i (the last n values wide) at once: their sums are
+        // independent chains, where one width's rows waited on each other's fused
+        // multiply-adds. (The unroll pragmas keep the sums in registers: without them GCC
+        // kept them on the stack.)
+        auto widths = [&](int64_t i, auto nw, int64_t n) FASTNORM_INLINE_LAMBDA {
+          constexpr int64_t NW = decltype(nw)::value;
+          Vec h[NW][L::kVecs], l[NW][L::kVecs];
+#pragma GCC unroll 4
+          for (int64_t w = 0; w < NW; ++w) {
+            for (int64_t k = 0; k < L::kVecs; ++k) {
+              h[w][k] = Vec::loadu(hi.data() + i + w * L::kWidth + k * Vec::size());
+              if constexpr (kExact) l[w][k] = Vec::loadu(lo.data() + i + w * L::kWidth + k * Vec::size());
+            }
           }
           for (int64_t r = r0; r < r0 + nr; ++r) {
             const int64_t off = r * W + c0 + i;
-            Vec x[L::kVecs], y[L::kVecs];
-            if (n == L::kWidth) {
-              L::load(p + off, x, typename L::Full{});
-              if constexpr (!kSquares) L::load(q + off, y, typename L::Full{});
-            } else {
-              L::load(p + off, x, n);
-              if constexpr (!kSquares) L::load(q + off, y, n);
-            }
-            for (int64_t k = 0; k < L::kVecs; ++k) {
-              const Vec& b = kSquares ? x[k] : y[k];
-              if constexpr (kExact) {
-                const Vec prod = x[k] * b;
-                h[k] = h[k] + prod;
-                l[k] = l[k] + at::vec::fmsub(x[k], b, prod);
+#pragma GCC unroll 4
+          for (int64_t w = 0; w < NW; ++w) {
+              Vec x[L::kVecs], y[L::kVecs];
+              if (w < NW - 1 || n == L::kWidth) {
+                L::load(p + off + w * L::kWidth, x, typename L::Full{});
+                if constexpr (!kSquares) L::load(q + off + w * L::kWidth, y, typename L::Full{});
               } else {
-                h[k] = at::vec::fmadd(x[k], b, h[k]);
+                L::load(p + off + w * L::kWidth, x, n);
+                if constexpr (!kSquares) L::load(q + off + w * L::kWidth, y, n);
+              }
+              for (int64_t k = 0; k < L::kVecs; ++k) {
+                const Vec& qk = kSquares ? x[k] : y[k];
+                if constexpr (kExact) {
+                  const Vec prod = x[k] * qk;
+                  h[w][k] = h[w][k] + prod;
+                  l[w][k] = l[w][k] + at::vec::fmsub(x[k], qk, prod);
+                } else {
+                  h[w][k] = at::vec::fmadd(x[k], qk, h[w][k]);
+                }
               }
             }
           }
-          for (int64_t k = 0; k < L::kVecs; ++k) {
-            h[k].store(hi.data() + i + k * Vec::size());
-            if constexpr (kExact) l[k].store(lo.data() + i + k * Vec::size());
+#pragma GCC unroll 4
+          for (int64_t w = 0; w < NW; ++w) {
+            for (int64_t k = 0; k < L::kVecs; ++k) {
+              h[w][k].store(hi.data() + i + w * L::kWidth + k * Vec::size());
+              if constexpr (kExact) l[w][k].store(lo.data() + i + w * L::kWidth + k * Vec::size());
+            }
           }
+        };
+        constexpr int64_t kBlock = 4;
+        int64_t i = 0;
+        for (; i + kBlock * L::kWidth <= nc; i += kBlock * L::kWidth) {
+          widths(i, std::integral_constant<int64_t, kBlock>{}, L::kWidth);
         }
+        for (; i < nc; i += L::kWidth) widths(i, std::integral_constant<int64_t, 1>{}, std::min(L::kWidth, nc - i));
       }
       for (int64_t j = 0; j < nc; ++j) block_totals[b * W + c0 + j] = double(hi[j]) + (kExact ? double(lo[j]) : 0.0);
     }
