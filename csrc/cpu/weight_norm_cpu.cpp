@@ -396,7 +396,7 @@ void column_totals(const T* p, const T* q, int64_t rows, int64_t W, double* tota
           for (int64_t r = r0; r < r0 + nr; ++r) {
             const int64_t off = r * W + c0 + i;
 #pragma GCC unroll 4
-          for (int64_t w = 0; w < NW; ++w) {
+            for (int64_t w = 0; w < NW; ++w) {
               Vec x[L::kVecs], y[L::kVecs];
               if (w < NW - 1 || n == L::kWidth) {
                 L::load(p + off + w * L::kWidth, x, typename L::Full{});
