@@ -17,6 +17,11 @@ def _batch_norm(input, running_mean, running_var, weight, bias, training, moment
     """Shared by the functional and the modules. momentum=None is the cumulative average,
     which needs num_batches_tracked (the modules pass theirs)."""
     act = activation_code(activation)
+    # As torch.nn.functional.batch_norm.
+    if training and not eps > 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if not eps >= 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
     if training:
         _verify_batch_size(input.size())
         cumulative = momentum is None
@@ -45,6 +50,11 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     """
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"batch_norm: input must be a Tensor, got {type(input).__name__}")
+    if input.dim() < 2 and residual is None and activation is None:
+        # No channel dimension: torch's answer (an empty result for an empty input, else
+        # torch's error).
+        return torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias, training,
+                                              momentum, eps)
     return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
                        residual, activation, negative_slope)
 

@@ -348,3 +348,88 @@ def test_low_precision_parameters(dtype):
     assert ours.running_mean.dtype == dtype
     torch.testing.assert_close(ours.running_mean, ref.running_mean)
     torch.testing.assert_close(ours.running_var, ref.running_var)
+
+
+# ---------------------------------------------------------------------------------------
+# Parity cases found by PyTorch's ModuleInfo/OpInfo samples (tests/test_torch_db.py runs
+# them all); here each on its own, on every device.
+
+def torch_accepts(kwarg):
+    import inspect
+
+    return kwarg in inspect.signature(torch.nn.BatchNorm2d.__init__).parameters
+
+
+@pytest.mark.skipif(not torch_accepts("bias"), reason="this torch's BatchNorm takes no bias argument")
+@pytest.mark.parametrize("device", DEVICES)
+def test_bias_false(device):
+    """torch's modules take bias=False (newer torch): no bias parameter, same keys, same output."""
+    ref = torch.nn.BatchNorm2d(3, bias=False, device=device)
+    ours = fastnorm.BatchNorm2d(3, bias=False, device=device, activation="relu")
+    assert ours.bias is None and list(ours.state_dict()) == list(ref.state_dict())
+    with torch.no_grad():
+        ref.weight.uniform_(0.5, 1.5)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(4, 3, 5, 5, device=device, dtype=torch.float64).float()
+    torch.testing.assert_close(ours(x), F.relu(ref(x)))
+    torch.testing.assert_close(ours.running_var, ref.running_var)
+
+
+@pytest.mark.parametrize("training,eps", [(True, 0.0), (True, -1e-5), (False, -1e-5)])
+def test_eps_out_of_range_raises_and_leaves_buffers(training, eps):
+    """As torch.nn.functional.batch_norm: eps must be positive in training, non-negative in
+    evaluation; a ValueError, the running statistics untouched."""
+    x = torch.randn(4, 3, 2)
+    for fn in (F.batch_norm, fastnorm.functional.batch_norm):
+        rm, rv = torch.zeros(3), torch.ones(3)
+        with pytest.raises(ValueError, match="eps"):
+            fn(x, rm, rv, None, None, training, 0.1, eps)
+        assert torch.equal(rm, torch.zeros(3)) and torch.equal(rv, torch.ones(3))
+    m = fastnorm.BatchNorm1d(3, eps=eps)
+    m.train(training)
+    with pytest.raises(ValueError, match="eps"):
+        m(x)
+    assert torch.equal(m.running_mean, torch.zeros(3)) and int(m.num_batches_tracked) == 0
+    # eps = 0 in evaluation is allowed, as torch's
+    out = fastnorm.functional.batch_norm(x, torch.zeros(3), torch.ones(3), training=False, eps=0.0)
+    torch.testing.assert_close(out, F.batch_norm(x, torch.zeros(3), torch.ones(3), training=False, eps=0.0))
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_one_dimensional_input_as_torch(training):
+    """A 1-D input has no channel dimension: torch answers an empty one with an empty result
+    and refuses the others; so does fastnorm."""
+    empty = torch.empty(0)
+    ours = fastnorm.functional.batch_norm(empty, torch.zeros(0), torch.ones(0), None, None, training)
+    ref = F.batch_norm(empty, torch.zeros(0), torch.ones(0), None, None, training)
+    assert ours.shape == ref.shape == (0,)
+    x = torch.randn(5)
+    with pytest.raises(Exception) as ref_err:
+        F.batch_norm(x, torch.zeros(5), torch.ones(5), None, None, training)
+    with pytest.raises(type(ref_err.value)):
+        fastnorm.functional.batch_norm(x, torch.zeros(5), torch.ones(5), None, None, training)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
+@pytest.mark.parametrize("activation", [None, "relu", "leaky_relu", "silu"])
+def test_non_finite_input_gradient_in_evaluation(device, layout, dtype, activation):
+    """In evaluation the input gradient is dy * act' * weight / sqrt(var + eps): a NaN or inf
+    in the input reaches it only through the activation, exactly where it does in torch's."""
+    x = with_layout(torch.randn(4, 3, 4, 5, device=device, dtype=torch.float64), layout).to(dtype)
+    x[0, 0, 0, 0], x[1, 2, 1, 1], x[2, 0, 3, 4] = float("nan"), float("inf"), float("-inf")
+    w, b, rm, rv = make_params(3, dtype, device)
+    g = torch.randn(x.shape, device=device, dtype=dtype)
+
+    def composed(x, rm, rv, w, b, training, momentum, eps):
+        y = F.batch_norm(x, rm, rv, w, b, training, momentum, eps)
+        return y if activation is None else getattr(F, activation)(y)
+
+    ours = run_functional(fastnorm.functional.batch_norm, x, w, b, rm, rv, g, False, activation=activation)
+    ref = run_functional(composed, x, w, b, rm, rv, g, False, upcast=True)
+    for o, r in zip(ours[:2], ref[:2]):  # output and input gradient
+        assert torch.equal(o.isnan(), r.isnan()) and torch.equal(o.isinf(), r.isinf())
+        finite = torch.isfinite(r)
+        assert_close_to_reference(o[finite], r[finite], dtype)
+    assert torch.isfinite(ours[1]).any()

@@ -76,8 +76,7 @@ variable_list composite_backward(const Tensor& grad_out, const Tensor& input, co
       dz = dy * s * (1 + z * (1 - s));
     }
   } else if (act != Activation::None) {
-    const Tensor positive = output > 0;
-    dz = act == Activation::ReLU ? dy * positive.to(acc) : at::where(positive, dy, dy * slope);
+    dz = act == Activation::ReLU ? at::where(output <= 0, at::zeros_like(dy), dy) : at::where(output > 0, dy, dy * slope);
   }
   Tensor gx;
   if (training) {

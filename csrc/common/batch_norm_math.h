@@ -204,7 +204,7 @@ template <typename T>
 FASTNORM_HD inline T activation_backward(T dy, T v, Activation act, T slope) {
   switch (act) {
     case Activation::ReLU:
-      return v > T(0) ? dy : T(0);
+      return v <= T(0) ? T(0) : dy;  // a NaN passes dy, as torch's threshold_backward
     case Activation::LeakyReLU:
       return v > T(0) ? dy : dy * slope;
     case Activation::SiLU: {

@@ -56,7 +56,7 @@ inline Vec activate_vec(Vec z, Vec slope) {
 template <Activation A, typename Vec>
 inline Vec activation_backward_vec(Vec dy, Vec v, Vec slope) {
   if constexpr (A == Activation::ReLU) {
-    return Vec::blendv(Vec(0), dy, v > Vec(0));
+    return Vec::blendv(dy, Vec(0), v <= Vec(0));  // a NaN passes dy, as torch's threshold_backward
   } else if constexpr (A == Activation::LeakyReLU) {
     return Vec::blendv(dy * slope, dy, v > Vec(0));
   } else if constexpr (A == Activation::SiLU) {
@@ -276,11 +276,12 @@ void grad_sums_span(const scalar_t* __restrict x, const scalar_t* __restrict res
   });
 }
 
-// grad input = dz * k_dz + x * k_x + k_c; dz itself into dz_out.
+// grad input = dz * k_dz + x * k_x + k_c (training), dz * k_dz (evaluation: x takes no
+// part, so a non-finite x leaves its gradient finite, as torch's); dz itself into dz_out.
 template <typename scalar_t, Activation A, class Cf>
 void grad_input_span(const scalar_t* __restrict x, const scalar_t* __restrict res, const scalar_t* __restrict y,
                      const scalar_t* __restrict dy, scalar_t* __restrict dx, scalar_t* __restrict dz_out, bool needs_z,
-                     int64_t n, const Cf& cf, const Vec_t<scalar_t> slope, bool stream) {
+                     bool training, int64_t n, const Cf& cf, const Vec_t<scalar_t> slope, bool stream) {
   using L = Lanes<scalar_t>;
   span_loop<L::kWidth>(n, [&](int64_t i, auto cnt, auto) {
     Vec_t<scalar_t> v[L::kVecs], dz[L::kVecs];
@@ -291,7 +292,8 @@ void grad_input_span(const scalar_t* __restrict x, const scalar_t* __restrict re
       Vec_t<scalar_t> g[L::kVecs];
       for (int64_t k = 0; k < L::kVecs; ++k) {
         const int64_t p = i + k * Vec_t<scalar_t>::size();
-        g[k] = at::vec::fmadd(dz[k], cf.at(kDz, p), at::vec::fmadd(v[k], cf.at(kX, p), cf.at(kC, p)));
+        g[k] = training ? at::vec::fmadd(dz[k], cf.at(kDz, p), at::vec::fmadd(v[k], cf.at(kX, p), cf.at(kC, p)))
+                        : dz[k] * cf.at(kDz, p);
       }
       L::store(dx + i, g, cnt, stream);
     }
@@ -308,6 +310,7 @@ struct Tensors {
   scalar_t* out = nullptr;       // forward output, or grad input
   scalar_t* dz = nullptr;        // grad at the pre-activation
   bool needs_z = false;
+  bool training = true;  // backward: the statistics depend on x
   bool stream = false;  // outputs written with streaming stores (large outputs)
   Vec_t<scalar_t> slope;
 
@@ -321,6 +324,7 @@ struct Tensors {
     y = a.output.defined() ? a.output.data_ptr<scalar_t>() : nullptr;
     out = a.grad_input.defined() ? a.grad_input.data_ptr<scalar_t>() : nullptr;
     dz = a.grad_preact.defined() ? a.grad_preact.data_ptr<scalar_t>() : nullptr;
+    training = a.training;
   }
 
   template <Activation A, class Cf>
@@ -340,7 +344,8 @@ struct Tensors {
   template <Activation A, class Cf>
   void grad_input(int64_t off, int64_t n, const Cf& cf) const {
     grad_input_span<scalar_t, A>(x + off, offset_or_null(res, off), offset_or_null(y, off), dy + off,
-                                 offset_or_null(out, off), offset_or_null(dz, off), needs_z, n, cf, slope, stream);
+                                 offset_or_null(out, off), offset_or_null(dz, off), needs_z, training, n, cf, slope,
+                                 stream);
   }
 };
 

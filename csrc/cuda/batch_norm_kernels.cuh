@@ -186,10 +186,12 @@ __device__ __forceinline__ acc_t forward_value(const ChannelCoef<acc_t>& k, acc_
   return activate<acc_t>(z, A, slope);
 }
 
-// One value of the input gradient from dz, the gradient at the pre-activation.
+// One value of the input gradient from dz, the gradient at the pre-activation. Evaluation's
+// coefficients (k_x = k_c = 0) leave x out, so that a non-finite x keeps its gradient
+// finite, as torch's; in training a zero k_x comes only with finite statistics.
 template <typename acc_t>
 __device__ __forceinline__ acc_t grad_input_value(const ChannelCoef<acc_t>& k, acc_t dz, acc_t xv) {
-  return dz * k.k_dz + xv * k.k_x + k.k_c;
+  return k.k_x == acc_t(0) ? dz * k.k_dz + k.k_c : dz * k.k_dz + xv * k.k_x + k.k_c;
 }
 
 // ---------------------------------------------------------------------------------------
