@@ -6,6 +6,7 @@ torch the shapes, dtypes and strides of every op's outputs.
 import operator
 
 import torch
+from torch.autograd import forward_ad as _forward_ad
 
 from . import _C  # noqa: F401  (loading the extension registers torch.ops.fastnorm)
 
@@ -17,11 +18,21 @@ _is_compiling = (getattr(torch.compiler, "is_dynamo_compiling", None) or getattr
                  or torch._dynamo.is_compiling)
 
 
+_functorch_active = torch._C._are_functorch_transforms_active
+
+
+def transforms_active():
+    """Whether a torch.func transform or a forward-mode AD level is active: then the ops go
+    through fastnorm/_transforms.py's Python autograd (C++ autograd cannot run there)."""
+    return _functorch_active() or _forward_ad._current_level >= 0
+
+
 def _fast_call(name):
     """The op ``name`` called through ``_C``'s direct entry point (csrc/direct_calls.cpp: the
     dispatcher unboxed, several microseconds less per call than torch.ops), or through
     torch.ops where Python must see the call: while dynamo traces (torch.compile, export)
-    and for arguments or modes with ``__torch_function__``."""
+    and for arguments or modes with ``__torch_function__``; under torch.func transforms and
+    forward-mode AD, through the op's autograd in fastnorm/_transforms.py."""
     direct = getattr(_C, name)
     overload = getattr(ops, name).default
     has_torch_function = torch._C._has_torch_function
@@ -29,6 +40,8 @@ def _fast_call(name):
     def call(*args):
         if _is_compiling() or has_torch_function(args):
             return overload(*args)
+        if transforms_active():
+            return getattr(_transforms, name)(*args)
         return direct(*args)
 
     call.__name__ = call.__qualname__ = name
@@ -51,6 +64,9 @@ def weight_norm_w(v, g, dim, eps):
     if _is_compiling() or _has_torch_function_variadic(v, g):
         _check_weight_norm_types(v, g, dim, eps)
         return ops.weight_norm.default(v, g, wn_dim(v, dim), float(eps))[0]
+    if transforms_active():
+        _check_weight_norm_types(v, g, dim, eps)
+        return _transforms.weight_norm(v, g, wn_dim(v, dim), float(eps))[0]
     try:
         return _weight_norm_w(v, g, dim, eps)
     except TypeError:  # pybind's message for an argument of the wrong type lists overloads
@@ -231,3 +247,6 @@ def wn_dim(v, dim):
 def _weight_norm_backward_inplace_fake(grad_w, v, g, norm, dim):
     _check_devices("weight_norm_backward_", v, grad_w=grad_w, g=g, norm=norm)
     return torch.empty_like(g, memory_format=torch.contiguous_format)
+
+
+from . import _transforms  # noqa: E402  (it builds on this module)

@@ -6,7 +6,7 @@ fastnorm's, with an optional residual and a fused activation.
 """
 import torch
 
-from ._ops import activation_code
+from ._ops import acc_dtype, activation_code, transforms_active
 from .functional import _batch_norm
 
 
@@ -16,10 +16,11 @@ class _FastBatchNorm:
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, device=None, dtype=None, activation=None,
-                 negative_slope=0.01):
+                 negative_slope=0.01, **torch_kwargs):
         activation_code(activation)  # ValueError for an unknown name
+        # torch_kwargs: what this torch's module takes beyond these (bias=False in newer torch)
         super().__init__(num_features, eps, momentum, affine, track_running_stats,
-                         device=device, dtype=dtype)
+                         device=device, dtype=dtype, **torch_kwargs)
         self.activation = activation
         self.negative_slope = float(negative_slope)
 
@@ -53,7 +54,8 @@ _DOC = """Drop-in for torch.nn.{name} computed by fastnorm's kernels.
     ``module(input, residual=None)`` returns ``act(batch_norm(input) + residual)``, with
     ``activation`` one of None, "relu", "leaky_relu" (slope ``negative_slope``), "silu".
     Input {shapes}, contiguous or channels-last (the output keeps the input's layout),
-    float64/float32/float16/bfloat16 with float32 or input-dtype parameters.
+    float64/float32/float16/bfloat16 with input-dtype parameters (float32 also for
+    float16/bfloat16 input). Other keyword arguments go to torch's module (e.g. bias=False).
     """
 
 
@@ -112,6 +114,26 @@ class _MeanOnly(torch.autograd.Function):
         return grad_in, grad_bias, None, None, None, None
 
 
+def _mean_only_composite(input, bias, running_mean, num_batches_tracked, use_batch_stats, momentum):
+    """_MeanOnly in ATen ops, for torch.func transforms and forward-mode AD."""
+    acc = acc_dtype(input.dtype)
+    shape = [1, -1] + [1] * (input.dim() - 2)
+    x = input.to(acc)
+    if use_batch_stats:
+        mean = x.mean([0, *range(2, input.dim())])
+        if running_mean is not None and num_batches_tracked is not None:
+            with torch.no_grad():
+                num_batches_tracked.add_(1)
+                factor = 1.0 / float(num_batches_tracked.item()) if momentum is None else momentum
+                running_mean.lerp_(mean.detach().to(running_mean.dtype), factor)
+    else:
+        mean = running_mean.to(acc)
+    y = x - mean.reshape(shape)
+    if bias is not None:
+        y = y + bias.to(acc).reshape(shape)
+    return y.to(input.dtype)
+
+
 class _MeanOnlyBatchNorm(torch.nn.Module):
     """Subtracts the batch mean per channel (the running mean in evaluation) and adds a
     learned bias: Salimans & Kingma's companion to weight normalization."""
@@ -150,6 +172,9 @@ class _MeanOnlyBatchNorm(torch.nn.Module):
             if count < 1:
                 raise ValueError(f"expected at least 1 value per channel, got input of shape {list(input.shape)}")
         use_running = not self.training or self.track_running_stats
+        if transforms_active():
+            return _mean_only_composite(input, self.bias, self.running_mean if use_running else None,
+                                        self.num_batches_tracked if track else None, use_batch_stats, self.momentum)
         return _MeanOnly.apply(input, self.bias, self.running_mean if use_running else None,
                                self.num_batches_tracked if track else None, use_batch_stats, self.momentum)
 

@@ -10,7 +10,7 @@ communication; outside a process group it is plain batch norm.
 import torch
 import torch.distributed as dist
 
-from ._ops import acc_dtype, activation_code, ops
+from ._ops import acc_dtype, activation_code, ops, transforms_active
 from .batchnorm import _FastBatchNorm
 
 
@@ -85,10 +85,11 @@ class SyncBatchNorm(_FastBatchNorm, torch.nn.SyncBatchNorm):
     activation: ``module(input, residual=None)``."""
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True,
-                 process_group=None, device=None, dtype=None, activation=None, negative_slope=0.01):
+                 process_group=None, device=None, dtype=None, activation=None, negative_slope=0.01,
+                 **torch_kwargs):
         activation_code(activation)
         torch.nn.SyncBatchNorm.__init__(self, num_features, eps, momentum, affine, track_running_stats,
-                                        process_group, device=device, dtype=dtype)
+                                        process_group, device=device, dtype=dtype, **torch_kwargs)
         self.activation = activation
         self.negative_slope = float(negative_slope)
 
@@ -103,6 +104,10 @@ class SyncBatchNorm(_FastBatchNorm, torch.nn.SyncBatchNorm):
         world_size = dist.get_world_size(group) if group is not None else 1
         if not use_batch_stats or world_size == 1:
             return super().forward(input, residual)
+        if transforms_active():
+            raise RuntimeError("fastnorm.SyncBatchNorm: torch.func transforms and forward-mode AD are not supported "
+                               "for statistics synchronized across processes (nor are they by torch's "
+                               "SyncBatchNorm); in a single process they work as for BatchNorm")
         track = self.training and self.track_running_stats
         act = activation_code(self.activation)
         return _SyncBatchNorm.apply(input, self.weight, self.bias, residual,

@@ -20,7 +20,7 @@ from torch import nn
 from torch.nn.modules import module as _module_globals
 from torch.nn.utils import parametrize
 
-from ._ops import calls, ops, weight_norm_w, wn_dim
+from ._ops import calls, ops, transforms_active, weight_norm_w, wn_dim
 from .functional import weight_norm as weight_norm_fn
 
 
@@ -218,7 +218,7 @@ _SCALED_FAN_IN_PER_POSITION = {"linear": 16, "conv": 256}
 def _scaled(module, x):
     """Whether to scale the output instead of materializing w (see above)."""
     v = module.parametrizations.weight.original1
-    if x.device.type != "cpu" or v.numel() < _SCALED_MIN_WEIGHT or x.numel() == 0 or x.dim() == 0:
+    if transforms_active() or x.device.type != "cpu" or v.numel() < _SCALED_MIN_WEIGHT or x.numel() == 0 or x.dim() == 0:
         return False
     fan_in = v.numel() // v.shape[0]
     if isinstance(module, nn.Linear):
