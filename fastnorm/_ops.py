@@ -21,6 +21,7 @@ _is_compiling = (getattr(torch.compiler, "is_dynamo_compiling", None) or getattr
 _functorch_active = torch._C._are_functorch_transforms_active
 
 
+@torch.compiler.assume_constant_result  # (dynamo before 2.5 cannot trace the functorch query)
 def transforms_active():
     """Whether a torch.func transform or a forward-mode AD level is active: then the ops go
     through fastnorm/_transforms.py's Python autograd (C++ autograd cannot run there)."""

@@ -6,6 +6,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
+#include <torch/version.h>
 
 #include <optional>
 #include <vector>
@@ -157,8 +158,18 @@ variable_list backward_from_saved(AutogradContext* ctx, const Tensor& grad_out, 
           want_residual ? (preact_grad ? gz : grad_out) : Tensor()};
 }
 
+// Compiled autograd: torch before 2.6 takes a C++ Function's node only when it may be
+// traced (its backward's ops go into the graph: they have fake kernels); newer torch calls
+// an untraceable node as an opaque op, which keeps the fused backward whole.
+#if TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR < 6
+constexpr bool kTraceableNodes = true;
+#else
+constexpr bool kTraceableNodes = false;
+#endif
+
 class BatchNormTrain : public torch::autograd::Function<BatchNormTrain> {
  public:
+  static constexpr bool is_traceable = kTraceableNodes;
   // The batch statistics come back through `stats`, not as outputs: they have no gradient,
   // and an output marked non-differentiable keeps compiled autograd from taking the node.
   static variable_list forward(AutogradContext* ctx, const Tensor& input, const OptTensor& weight,
@@ -199,6 +210,7 @@ class BatchNormTrain : public torch::autograd::Function<BatchNormTrain> {
 
 class BatchNormElemt : public torch::autograd::Function<BatchNormElemt> {
  public:
+  static constexpr bool is_traceable = kTraceableNodes;
   static variable_list forward(AutogradContext* ctx, const Tensor& input, const Tensor& mean, const Tensor& var,
                                const OptTensor& weight, const OptTensor& bias, const OptTensor& residual, double eps,
                                int64_t act, double slope) {

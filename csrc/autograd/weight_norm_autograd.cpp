@@ -132,6 +132,24 @@ struct CompiledArgsNode<false, Base> : Base {
   virtual void collect_args(CompiledNodeArgs& args) const = 0;
 };
 
+// A saved variable into the node's state: newer torch says whether it is the node's
+// output, torch 2.4 takes the variable alone.
+template <typename Args, typename = void>
+struct CollectTakesOutputFlag : std::false_type {};
+template <typename Args>
+struct CollectTakesOutputFlag<Args, std::void_t<decltype(std::declval<Args&>().collect(
+                                        std::declval<const torch::autograd::SavedVariable&>(), false))>>
+    : std::true_type {};
+
+template <typename Args>
+void collect_input(Args& args, const torch::autograd::SavedVariable& v) {
+  if constexpr (CollectTakesOutputFlag<Args>::value) {
+    args.collect(v, /*is_output=*/false);
+  } else {
+    args.collect(v);
+  }
+}
+
 // The gradient of w = g * v / norm with respect to v and g.
 struct WeightNormBackward : public CompiledArgsNode<kConstCompiledArgs> {
   torch::autograd::SavedVariable v, g, norm;
@@ -144,9 +162,9 @@ struct WeightNormBackward : public CompiledArgsNode<kConstCompiledArgs> {
   // tracer's (the ops apply() calls go into the compiled graph; their fake kernels are in
   // fastnorm/_ops.py).
   void collect_args(CompiledNodeArgs& args) const override {
-    args.collect(v, false);
-    args.collect(g, false);
-    args.collect(norm, false);
+    collect_input(args, v);
+    collect_input(args, g);
+    collect_input(args, norm);
     args.collect(dim);
     args.collect(eps);
   }
