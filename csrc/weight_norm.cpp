@@ -121,8 +121,9 @@ std::tuple<Tensor, Tensor> weight_norm_backward_impl(const char* op, const Tenso
   if (v.numel() > 0) {
     FASTNORM_RUN_WN_KERNEL(v.is_cuda(), weight_norm_backward, a);
   } else {
-    // No values: grad_g = dot / norm with dot = 0 (NaN for a zero norm, as torch).
-    at::div_out(a.grad_g, at::zeros_like(a.grad_g), a.norm.view(a.grad_g.sizes()));
+    // No values: w does not depend on g, grad_g = 0, as torch >= 2.15 (earlier torch divided
+    // the empty dot product by the zero norm: NaN).
+    a.grad_g.zero_();
   }
   if (in_place && !a.grad_v.is_same(grad_w)) grad_w.copy_(a.grad_v);
   return {a.grad_v, a.grad_g};
