@@ -76,6 +76,15 @@ struct Moments {
   T m2;
 };
 
+// Whether x is finite (x - x is NaN for an infinity or a NaN), in host and device code.
+template <typename T>
+FASTNORM_HD inline bool is_finite(T x) {
+  return x - x == T(0);
+}
+
+// Non-finite values propagate as through torch's sums: a mean with an infinity is that
+// infinity (inf + inf is inf, where the difference of two such means is NaN), and a variance
+// with one is NaN.
 template <typename T>
 FASTNORM_HD inline Moments<T> moments_merge(const Moments<T>& a, const Moments<T>& b) {
   const T n = a.count + b.count;
@@ -84,6 +93,9 @@ FASTNORM_HD inline Moments<T> moments_merge(const Moments<T>& a, const Moments<T
   }
   const T delta = b.mean - a.mean;
   const T b_share = fn_div(b.count, n);
+  if (!is_finite(delta)) {
+    return {n, fn_div(a.count * a.mean + b.count * b.mean, n), delta - delta};
+  }
   return {n, a.mean + delta * b_share, a.m2 + b.m2 + delta * delta * a.count * b_share};
 }
 
@@ -122,6 +134,13 @@ FASTNORM_HD inline Moments<T> moments_add(const Moments<T>& a, T x) {
   return {n, mean, a.m2 + delta * (x - mean)};
 }
 
+// A pivot for shifted sums: a finite value, else 0 (an infinite pivot would turn every
+// deviation from it into NaN, where torch's sums give the infinity).
+template <typename T>
+FASTNORM_HD inline T finite_pivot(T x) {
+  return is_finite(x) ? x : T(0);
+}
+
 // Moments of n values from the shifted sums sd = sum(x - m) and sdd = sum((x - m)^2) around
 // a provisional mean m (the corrected two-pass algorithm: exact when m is the true mean,
 // and the correction term removes the error of a rounded m).
@@ -131,7 +150,7 @@ FASTNORM_HD inline Moments<T> moments_from_shifted_sums(T n, T m, T sd, T sdd) {
     return {T(0), T(0), T(0)};
   }
   const T m2 = sdd - fn_div(sd * sd, n);
-  return {n, m + fn_div(sd, n), m2 > T(0) ? m2 : T(0)};
+  return {n, m + fn_div(sd, n), m2 < T(0) ? T(0) : m2};  // (a NaN stays NaN)
 }
 
 template <typename T>

@@ -464,9 +464,11 @@ struct RowScratch {
 // first value): M2 = sum d^2 - (sum d)^2 / n. This loses precision only when K is far from
 // the mean, (mean - K)^2 >> var; then a second pass around the provisional mean gives the
 // exact two-pass result.
+// Non-finite sums (an infinity or NaN among the values) are taken as they are.
 inline bool shifted_moments_ok(double n, double sd, double sdd) {
   constexpr double kMaxCancellation = 256.0;  // lose at most 8 bits to the shift
-  return sd * sd <= kMaxCancellation * std::max(sdd * n - sd * sd, 0.0) || sdd == 0.0;
+  return sd * sd <= kMaxCancellation * std::max(sdd * n - sd * sd, 0.0) || sdd == 0.0 || !is_finite(sd) ||
+         !is_finite(sdd);
 }
 
 template <typename scalar_t>
@@ -474,7 +476,7 @@ Moments<double> planar_block_moments(const Tensors<scalar_t>& T, const Layout& L
   using acc_t = typename Lanes<scalar_t>::acc_t;
   const double n = double(k1 - k0);
   acc_t slot[kSlots] = {};
-  slot[kMean] = acc_t(T.x[((k0 / L.S) * L.C + c) * L.S + k0 % L.S]);  // pivot: the first value
+  slot[kMean] = finite_pivot(acc_t(T.x[((k0 / L.S) * L.C + c) * L.S + k0 % L.S]));  // pivot: the first value
   for (int pass = 0;; ++pass) {
     RegisterSums<acc_t> s;
     const Broadcast<acc_t> shift(slot);
@@ -495,7 +497,7 @@ void row_block_moments(const Tensors<scalar_t>& T, const RowGroups& G, int64_t r
   using acc_t = typename Lanes<scalar_t>::acc_t;
   const double n = double(r1 - r0);
   const int64_t C = G.C;
-  for (int64_t c = 0; c < C; ++c) sc.shift[c] = acc_t(T.x[r0 * C + c]);  // pivot: the first row
+  for (int64_t c = 0; c < C; ++c) sc.shift[c] = finite_pivot(acc_t(T.x[r0 * C + c]));  // pivot: the first row
   for (int pass = 0;; ++pass) {
     auto s = sc.start(G);
     const auto shift = sc.shift_source();
