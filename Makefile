@@ -6,6 +6,8 @@
 # place by ninja, its objects kept in build/: a second command recompiles only what changed.
 PYTHON ?= python3
 TORCH ?= torch==2.14.1
+# The model libraries the tests and the model benchmarks convert (versions matching TORCH).
+MODEL_LIBS ?= torchvision==0.29.1 timm==1.0.31
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fastnorm-deps
@@ -16,6 +18,7 @@ $(STAMP):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install "$(TORCH)" ninja numpy pytest expecttest hypothesis setuptools wheel
+	$(PY) -m pip install $(MODEL_LIBS) "$(TORCH)"
 	# fastnorm importable from this checkout, as an editable install without a second build
 	$(PY) -c "import site, sys; open(site.getsitepackages()[0] + '/fastnorm-checkout.pth', 'w').write(sys.argv[1])" "$(CURDIR)"
 	touch $(STAMP)

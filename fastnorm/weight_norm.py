@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _module_globals
 from torch.nn.utils import parametrize
+from torch.nn.utils.weight_norm import WeightNorm as _TorchWeightNormHook
 
 from ._ops import calls, ops, transforms_active, weight_norm_w, wn_dim
 from .functional import weight_norm as weight_norm_fn
@@ -146,6 +147,33 @@ def remove_weight_norm(module, name="weight"):
         raise ValueError(f"remove_weight_norm: {type(module).__name__}.{name} has no fastnorm weight norm")
     _remove(module, name)
     return module
+
+
+class _WeightNormHook(_TorchWeightNormHook):
+    """torch's deprecated ``torch.nn.utils.weight_norm`` hook with ``w`` computed by
+    fastnorm's kernels. ``fastnorm.convert`` puts it where torch's hook was (same place among
+    the module's forward pre-hooks), so the module keeps everything torch's hook gave it:
+    ``<name>_g`` and ``<name>_v`` as parameters and state_dict keys, ``module.<name>`` set
+    before every forward, ``torch.nn.utils.remove_weight_norm``. ``fastnorm.revert`` puts
+    torch's hook back."""
+
+    def compute_weight(self, module):
+        return weight_norm_w(getattr(module, self.name + "_v"), getattr(module, self.name + "_g"), self.dim, 0.0)
+
+    def __repr__(self):
+        return f"fastnorm weight norm hook (name={self.name!r}, dim={self.dim})"
+
+
+def _swap_weight_norm_hooks(module, old, new):
+    """Replaces each forward pre-hook of type ``old`` (a weight-norm hook) by ``new(name, dim)``,
+    in its place. Returns the names of the weights swapped."""
+    hooks = module._forward_pre_hooks
+    swapped = []
+    for key, hook in list(hooks.items()):
+        if type(hook) is old:
+            hooks[key] = new(hook.name, hook.dim)
+            swapped.append(hook.name)
+    return swapped
 
 
 def weight_norm_of(module, name="weight"):
