@@ -98,6 +98,7 @@ def assert_close_to_reference(ours, ref64, dtype, torch_result=None, what="", pe
             worst, worst_torch = max_err(ours, ref), max_err(torch_result, ref)
             assert worst <= 2 * worst_torch + floor, f"{what}: error {worst:.3g} vs torch's {worst_torch:.3g} in {dtype}"
     finite = torch.isfinite(ref)
+    allowed = allowed.expand_as(err)  # (a 0-dim bound when per_tensor)
     bad = (err > allowed) & finite
     assert not bad.any(), (f"{what}: {int(bad.sum())} of {ref.numel()} elements off; worst error "
                            f"{err[bad].max().item():.3g} where {allowed[bad].min().item():.3g} is allowed")
