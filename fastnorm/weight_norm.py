@@ -271,8 +271,8 @@ class _ScaledOutput(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, v, g, bias, eps, spec):
         n = calls.weight_norm_norms(v, 0, eps)
-        s = (g.reshape(-1).to(n.dtype) / n).to(x.dtype)
         u = _op(spec, x, v)
+        s = (g.reshape(-1).to(n.dtype) / n).to(u.dtype)  # u's dtype: x's, or autocast's
         shape = _channel_shape(spec, u)
         y = torch.addcmul(bias.view(shape).to(u.dtype), u, s.view(shape)) if bias is not None else u * s.view(shape)
         ctx.spec, ctx.eps = spec, eps
@@ -308,7 +308,9 @@ class _ScaledOutput(torch.autograd.Function):
                 channels = grad_y.shape[-1]
                 grad_v.addmm_(grad_ys.reshape(-1, channels).t().to(v.dtype), x.reshape(-1, x.shape[-1]).to(v.dtype))
         elif need_x or need_v:
-            grad_x, grad_v = _conv_backward(spec, grad_ys, x, v, (need_x, need_v, False))[:2]
+            # (the forward's dtype: under autocast the conv ran in grad_y's)
+            dt = grad_ys.dtype
+            grad_x, grad_v = _conv_backward(spec, grad_ys, x.to(dt), v.to(dt), (need_x, need_v, False))[:2]
             if need_v:
                 grad_v = grad_v.to(v.dtype).addcmul_(v, (c / n).view([-1] + [1] * (v.dim() - 1)).to(v.dtype))
         if need_b and bias is not None:
