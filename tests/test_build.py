@@ -95,7 +95,31 @@ def test_info_command():
 def test_check_command():
     r = _run("check")
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "configurations match torch" in r.stdout
+    for op in ("batch_norm", "weight_norm", "mean_only", "sync"):
+        assert any(line.startswith(op) for line in r.stdout.splitlines()), (op, r.stdout)
+    assert "116/116 cases match torch" in r.stdout or torch.cuda.is_available(), r.stdout
+
+
+def test_check_command_fails_on_a_wrong_op(monkeypatch, capsys):
+    """A weight norm off by 1% fails its cases, and check exits 1 naming them."""
+    from fastnorm import check
+
+    right = fastnorm.functional.weight_norm
+    monkeypatch.setattr(fastnorm.functional, "weight_norm", lambda v, g, dim=0, **kw: right(v, g, dim, **kw) * 1.01)
+    assert check.main(["--ops", "weight_norm", "--dtypes", "float32", "--devices", "cpu"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL weight_norm cpu float32" in out and "0/5 cases match torch" in out
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--ops", "layer_norm"], "unknown op layer_norm"),
+    (["--dtypes", "int8"], "unknown dtype int8"),
+    (["--devices", "tpu"], "unknown device tpu"),
+] + ([] if torch.cuda.is_available() else [(["--devices", "cuda"], "no cuda device here")]))
+def test_check_command_usage_errors(args, message):
+    """A usage error is one line on stderr and exit status 2, not a traceback."""
+    r = _run("check", *args)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_bench_quick_smoke(tmp_path):
