@@ -1,4 +1,4 @@
-"""Command line: python -m fastnorm {info, check, bench}."""
+"""Command line: python -m fastnorm {info, check, bench, profile}."""
 import sys
 
 
@@ -30,11 +30,13 @@ def info(argv):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     commands = {"info": info}
-    if not argv or argv[0] not in ("info", "check", "bench"):
-        print("usage: python -m fastnorm {info,check,bench} [options]", file=sys.stderr)
+    if not argv or argv[0] not in ("info", "check", "bench", "profile"):
+        print("usage: python -m fastnorm {info,check,bench,profile} [options]", file=sys.stderr)
         return 2
     if argv[0] == "check":
         from fastnorm.check import main as run
+    elif argv[0] == "profile":
+        from fastnorm.profile import main as run
     elif argv[0] == "bench":
         from fastnorm.bench import main as run
     else:

@@ -159,3 +159,47 @@ def test_cxx_runtime_is_the_shared_one():
         assert runtime_member not in symbols + dynamic, (
             f"{_C.__file__} defines {runtime_member}, a member of libstdc++ itself: the C++ runtime was linked "
             "statically (-static-libstdc++ in LDFLAGS or the compiler's defaults?); link it as a shared library")
+
+
+def test_profile_command_op_cases(tmp_path):
+    """profile: a Chrome trace and a table per implementation, fastnorm's ops named."""
+    import json
+
+    for op, shape, names in (("batch_norm", "4x8x6x6", ("fastnorm::batch_norm_train", "fastnorm::batch_norm_backward")),
+                             ("weight_norm", "16x9", ("fastnorm::weight_norm",))):
+        trace = tmp_path / f"{op}.json"
+        r = _run("profile", "--op", op, "--shape", shape, "--steps", "1", "--layout", "channels_last",
+                 "--trace", str(trace))
+        assert r.returncode == 0, r.stderr
+        assert "torch step:" in r.stdout and "fastnorm step:" in r.stdout, r.stdout
+        for name in names:
+            assert name in r.stdout, r.stdout
+        events = json.loads(trace.read_text())["traceEvents"]
+        assert any(e.get("name") == "fastnorm step" for e in events)
+
+
+def test_profile_command_callable(tmp_path):
+    """A user's module:function gives each implementation's step."""
+    (tmp_path / "user_steps.py").write_text(
+        "import torch, fastnorm\n"
+        "def steps(impl, device, dtype):\n"
+        "    m = (fastnorm.BatchNorm1d if impl == 'fastnorm' else torch.nn.BatchNorm1d)(5)\n"
+        "    x = torch.randn(7, 5, dtype=dtype, device=device)\n"
+        "    return lambda: m(x).sum().backward()\n")
+    env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    r = subprocess.run([sys.executable, "-m", "fastnorm", "profile", "--callable", "user_steps:steps", "--steps",
+                        "1", "--trace", str(tmp_path / "t.json")], capture_output=True, text=True, timeout=600,
+                       cwd=ROOT, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "fastnorm::batch_norm_train" in r.stdout and "aten::native_batch_norm" in r.stdout, r.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--shape", "3xa"], "bad --shape"),
+    (["--device", "tpu"], "unknown --device"),
+    (["--callable", "no_such_module:f"], "--callable no_such_module:f"),
+    (["--trace", "/nonexistent-dir/t.json"], "cannot write the trace"),
+] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "no GPU here")]))
+def test_profile_command_usage_errors(args, message):
+    r = _run("profile", *args)
+    assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
