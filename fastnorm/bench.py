@@ -10,17 +10,23 @@ seconds, the ratio of two medians can be off by that much, a paired ratio is not
 move (forward: read x, write y; backward: read dy and x, write dx) over the time, and as a
 share of what a copy of the same bytes achieves on this machine.
 
-On the CPU, glibc returns every large block to the system when it is freed, so each call
-would spend much of its time zeroing fresh pages for its output, for torch and fastnorm
-alike. The benchmark keeps freed memory in the process (as a caching allocator does, and as
-torch does on CUDA) so that the kernels are timed, not the page faults.
+Modes (--mode; every output and results file names the one that produced it):
+  plain           the default: the process as a user's, no allocator tuning. On the CPU
+                  glibc returns every large block to the system when it is freed, so each
+                  call's outputs land on fresh pages whose first touch faults.
+  warm-allocator  glibc keeps freed memory in the process (no mmap, no trim), as a caching
+                  allocator does and as torch does on CUDA: the kernels alone are timed.
+  thp             plain, with torch's THP_MEM_ALLOC_ENABLE=1 (transparent huge pages for
+                  large CPU tensors: fewer faults).
 """
 import argparse
 import datetime
 import json
 import math
+import os
 import platform
 import statistics
+import sys
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -101,6 +107,31 @@ def keep_freed_memory():
     libc = _glibc()
     M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
     return libc is not None and libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 1 << 30) == 1
+
+
+MODES = ("plain", "warm-allocator", "thp")
+
+
+def build_description():
+    """The commit of the checkout (when it is one), versions and build flags."""
+    import os
+    import subprocess
+
+    info = fastnorm._ops._C.build_info()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    commit = "unknown"
+    try:
+        git = ["git", "-C", root]
+        commit = subprocess.run(git + ["rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
+                                timeout=10).stdout.strip() or "unknown"
+        if commit != "unknown" and subprocess.run(git + ["status", "--porcelain", "--untracked-files=no"],
+                                                  capture_output=True, text=True, timeout=10).stdout.strip():
+            commit += "+changes"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"commit": commit, "fastnorm": fastnorm.__version__, "torch": torch.__version__,
+            "built_against_torch": info["torch"], "cpu_capability": info["cpu_capability"],
+            "cuda_archs": info["cuda_archs"] or "none"}
 
 
 def trim_heap():
@@ -347,9 +378,17 @@ def main(argv):
     p.add_argument("--min-run-time", type=float, default=None, help="seconds per measurement")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--markdown", help="write the table here")
+    p.add_argument("--mode", choices=MODES, default="plain", help="the process's memory setting (default: plain)")
     args = p.parse_args(argv)
 
-    heap_kept = keep_freed_memory()
+    if args.mode == "thp" and os.environ.get("THP_MEM_ALLOC_ENABLE") != "1":
+        # torch reads it when it starts: run again with it set
+        os.environ["THP_MEM_ALLOC_ENABLE"] = "1"
+        os.execv(sys.executable, [sys.executable, "-m", "fastnorm", "bench", *argv])
+    heap_kept = keep_freed_memory() if args.mode == "warm-allocator" else False
+    if args.mode == "warm-allocator" and not heap_kept:
+        p.error("--mode warm-allocator needs glibc's malloc controls, not found here")
+    args.build = build_description()
     devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
     devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
     if not devices:
@@ -367,18 +406,20 @@ def main(argv):
         machines[device] = machine_description(device)
         if args.suite == "weight_norm":
             cases = []
-        print(f"# {device}: {machines[device]}, {len(cases)} batch-norm cases", flush=True)
-        for case in cases:
-            trim_heap()
+        print(f"# {device}: {machines[device]}, {len(cases)} batch-norm cases, mode {args.mode}", flush=True)
+        for i, case in enumerate(cases, 1):
+            if heap_kept:
+                trim_heap()
             r = run_case(case, device, min_run_time, compile_torch)
             results.append(r)
-            print(f"  {case.name:24s} {r.dtype:8s} {r.layout:13s} "
+            print(f"  [{i}/{len(cases)}] {case.name:24s} {r.dtype:8s} {r.layout:13s} "
                   + "  ".join(f"{k} {v:.3f}ms" for k, v in r.ms.items()), flush=True)
             write_results(args, argv, results, wn_results, impls_seen, machines, heap_kept)
         if args.suite != "batch_norm":
             for case in wn_suite(args.quick):
                 if args.filter in case[0]:
-                    trim_heap()
+                    if heap_kept:
+                        trim_heap()
                     r = run_wn_case(case, device, min_run_time)
                     wn_results.append(r)
                     print(f"  {r.name:34s} {r.dtype:8s} " + "  ".join(f"{k} {v:.3f}ms" for k, v in r.ms.items()),
@@ -392,10 +433,14 @@ def write_results(args, argv, results, wn_results, impls_seen, machines, heap_ke
     """The tables (printed when ``echo``) and the --markdown/--json files, from the cases so far."""
     impls = [i for i in impls_seen if all(f"{i} fwd" in r.ms for r in results)]
     table = (format_results(results, impls) if results else "") + "\n" + format_wn_results(wn_results)
-    header = (f"fastnorm {fastnorm.__version__}, torch {torch.__version__}, "
-              f"{datetime.date.today().isoformat()}; "
-              + "; ".join(f"{d}: {m}" for d, m in machines.items())
-              + ("" if heap_kept else "; CPU times include page faults (allocator not configurable)"))
+    b = args.build
+    header = (f"fastnorm {b['fastnorm']} at {b['commit']}, torch {b['torch']}, "
+              f"{datetime.date.today().isoformat()}; mode {args.mode}"
+              + {"plain": " (a plain process: CPU outputs on fresh pages)",
+                 "warm-allocator": " (freed memory kept in the process: kernels without page faults)",
+                 "thp": " (THP_MEM_ALLOC_ENABLE=1)"}[args.mode]
+              + f"; build: CPU {b['cpu_capability']}, CUDA archs {b['cuda_archs']}; "
+              + "; ".join(f"{d}: {m}" for d, m in machines.items()))
     if echo:
         print()
         print(header)
@@ -406,5 +451,6 @@ def write_results(args, argv, results, wn_results, impls_seen, machines, heap_ke
                     f"{table}\n")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"header": header, "machines": machines, "results": [asdict(r) for r in results],
+            json.dump({"header": header, "mode": args.mode, "build": b, "machines": machines,
+                       "command": f"python -m fastnorm bench {' '.join(argv)}", "results": [asdict(r) for r in results],
                        "weight_norm": [asdict(r) for r in wn_results]}, f, indent=1)

@@ -129,10 +129,26 @@ def test_bench_quick_smoke(tmp_path):
     import json
 
     data = json.loads(out.read_text())
+    assert data["mode"] == "plain" and "mode plain" in data["header"] and "mode plain" in r.stdout
+    assert data["build"]["commit"] != "" and data["build"]["cpu_capability"] == fastnorm.backends()["cpu_capability"]
     assert data["results"] and all(res["ms"]["fastnorm fwd"] > 0 for res in data["results"])
     assert all(res["speedup"]["torch fwd+bwd"] > 0 for res in data["results"])
     assert data["weight_norm"] and all(q > 0 for res in data["weight_norm"] for q in res["ratios"].values())
     assert "x vs torch fwd" in r.stdout
+
+
+@pytest.mark.parametrize("mode", ["warm-allocator", "thp"])
+def test_bench_modes_are_labelled(tmp_path, mode):
+    """Any mode but the plain process is asked for, and named in the output and the results."""
+    import json
+
+    out = tmp_path / "bench.json"
+    r = _run("bench", "--quick", "--device", "cpu", "--suite", "batch_norm", "--filter", "1d", "--mode", mode,
+             "--json", str(out))
+    assert r.returncode == 0, r.stderr
+    data = json.loads(out.read_text())
+    assert data["mode"] == mode and f"mode {mode}" in data["header"] and f"mode {mode}" in r.stdout
+    assert "[1/1]" in r.stdout  # progress
 
 
 def test_bench_ratio_pairs_rounds():
