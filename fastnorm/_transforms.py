@@ -207,26 +207,23 @@ class _BatchNormBackward(torch.autograd.Function):
         ctx.args = (eps, training, act, slope, want)
 
     @staticmethod
-    def _fn(ctx):
+    def _twin(ctx):
+        """The composite first-order backward as a function of the saved tensors, the
+        statistics held constant (absent among its differentiable arguments)."""
         eps, training, act, slope, want = ctx.args
-        return _first_order(training, eps, act, slope, want)
+        fn = _first_order(training, eps, act, slope, want)
+        saved = ctx.saved_tensors
+        present = _Present(saved[0], saved[1], None, None, saved[4], saved[5], saved[6])
+        return (lambda go, x, m, v, w, b, r: fn(go, x, saved[2], saved[3], w, b, r)), present
 
     @staticmethod
     def backward(ctx, *grads):
-        saved = ctx.saved_tensors
-        present = _Present(saved[0], saved[1], None, None, saved[4], saved[5], saved[6])
-        fn = _BatchNormBackward._fn(ctx)
-        g = _vjp(lambda go, x, m, v, w, b, r: fn(go, x, saved[2], saved[3], w, b, r), present, grads)
+        g = _vjp(*_BatchNormBackward._twin(ctx), grads)
         return (g[0], g[1], None, None, g[4], g[5], g[6], None, None, None, None, None, None)
 
     @staticmethod
     def jvp(ctx, *tangents):
-        saved = ctx.saved_tensors
-        present = _Present(saved[0], saved[1], None, None, saved[4], saved[5], saved[6])
-        fn = _BatchNormBackward._fn(ctx)
-        _, t = _jvp(lambda go, x, m, v, w, b, r: fn(go, x, saved[2], saved[3], w, b, r), present,
-                    tangents[:7])
-        return t
+        return _jvp(*_BatchNormBackward._twin(ctx), tangents[:7])[1]
 
     @staticmethod
     def vmap(info, in_dims, grad_out, x, mean, var, weight, bias, residual, output, eps, training, act, slope,
@@ -445,10 +442,7 @@ class _WeightNorm(torch.autograd.Function):
     @staticmethod
     def vmap(info, in_dims, v, g, dim, eps):
         def one(v, g):
-            w = _weight_norm_composite(v, g, dim, eps)
-            acc = acc_dtype(v.dtype)
-            dims = list(range(v.dim())) if dim == -1 else [d for d in range(v.dim()) if d != dim]
-            return w, (v.to(acc).square().sum(dims) + eps).sqrt().reshape(-1)
+            return _weight_norm_composite(v, g, dim, eps), weight_norm_norms(v, dim, eps)
 
         return _vmap(one, in_dims[:2], (v, g), info.randomness)
 
