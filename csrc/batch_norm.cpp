@@ -134,8 +134,8 @@ void check_same_as_input(const char* op, const char* name, const Tensor& input, 
 }
 
 void check_epilogue(const char* op, int64_t activation) {
-  TORCH_CHECK(activation >= 0 && activation <= 3, op, ": unknown activation code ", activation,
-              " (0 none, 1 relu, 2 leaky_relu, 3 silu)");
+  TORCH_CHECK(activation >= 0 && activation < kActivations, op, ": unknown activation code ", activation,
+              " (0 none, 1 relu, 2 leaky_relu, 3 silu, 4 relu6, 5 hardswish, 6 gelu, 7 gelu_tanh, 8 elu)");
 }
 
 // Fills the NormArgs common to every op.

@@ -19,7 +19,8 @@ TORCH_LIBRARY(fastnorm, m) {
   m.def("batch_norm_stats(Tensor input) -> (Tensor mean, Tensor var)");
   // Training forward: batch statistics, running-statistics update (momentum, or the
   // cumulative average 1/num_batches_tracked), out = act(norm(input) + residual).
-  // activation: 0 none, 1 relu, 2 leaky_relu (negative_slope), 3 silu.
+  // activation: 0 none, 1 relu, 2 leaky_relu (negative_slope), 3 silu, 4 relu6, 5 hardswish,
+  // 6 gelu, 7 gelu_tanh, 8 elu (alpha 1).
   m.def(
       "batch_norm_train(Tensor input, Tensor? weight, Tensor? bias, Tensor? residual, Tensor(a!)? running_mean, "
       "Tensor(b!)? running_var, Tensor(c!)? num_batches_tracked, float momentum, bool cumulative, float eps, "

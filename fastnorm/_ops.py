@@ -91,7 +91,14 @@ def _check_weight_norm_types(v, g, dim, eps):
 _has_torch_function_variadic = torch._C._has_torch_function_variadic
 _weight_norm_w = _C.weight_norm_w
 
-ACTIVATIONS = {None: 0, "relu": 1, "leaky_relu": 2, "silu": 3}
+ACTIVATIONS = {None: 0, "relu": 1, "leaky_relu": 2, "silu": 3, "relu6": 4, "hardswish": 5, "gelu": 6,
+               "gelu_tanh": 7, "elu": 8}
+
+
+def activation_needs_z(act, slope):
+    """Whether the activation's derivative needs its input z (else the output's sign does),
+    as activation_needs_z in csrc/common/batch_norm_math.h."""
+    return act not in (0, 1) and not (act == 2 and slope >= 0)
 
 
 def activation_code(activation):
@@ -99,7 +106,7 @@ def activation_code(activation):
         return ACTIVATIONS[activation]
     except (KeyError, TypeError):
         raise ValueError(
-            f"activation must be one of None, 'relu', 'leaky_relu', 'silu'; got {activation!r}"
+            f"activation must be one of {', '.join(repr(a) for a in ACTIVATIONS)}; got {activation!r}"
         ) from None
 
 

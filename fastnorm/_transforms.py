@@ -23,13 +23,15 @@ def _below_autograd():
 # Composite twins: what the kernels compute, as ATen ops in the accumulation dtype.
 
 def _activate(z, act, slope):
-    if act == 1:
-        return torch.relu(z)
+    if act == 0:
+        return z
     if act == 2:
         return F.leaky_relu(z, slope)
-    if act == 3:
-        return F.silu(z)
-    return z
+    return _ACTIVATIONS[act](z)
+
+
+_ACTIVATIONS = {1: torch.relu, 3: F.silu, 4: F.relu6, 5: F.hardswish, 6: F.gelu,
+                7: lambda z: F.gelu(z, approximate="tanh"), 8: F.elu}
 
 
 def _channel_view(t, x):

@@ -52,7 +52,8 @@ class _FastBatchNorm:
 _DOC = """Drop-in for torch.nn.{name} computed by fastnorm's kernels.
 
     ``module(input, residual=None)`` returns ``act(batch_norm(input) + residual)``, with
-    ``activation`` one of None, "relu", "leaky_relu" (slope ``negative_slope``), "silu".
+    ``activation`` one of None, "relu", "leaky_relu" (slope ``negative_slope``), "silu",
+    "relu6", "hardswish", "gelu", "gelu_tanh" (GELU's tanh approximation), "elu" (alpha 1).
     Input {shapes}, contiguous or channels-last (the output keeps the input's layout),
     float64/float32/float16/bfloat16 with input-dtype parameters (float32 also for
     float16/bfloat16 input). Other keyword arguments go to torch's module (e.g. bias=False).

@@ -152,7 +152,8 @@ def _cases(op, device, dtype):
         for layout in ("contiguous", "channels_last"):
             for training in (True, False):
                 for activation, residual in ((None, False), (None, True), ("relu", True), ("leaky_relu", False),
-                                             ("silu", True)):
+                                             ("silu", True), ("relu6", False), ("hardswish", True), ("gelu", False),
+                                             ("gelu_tanh", True), ("elu", False)):
                     name = (f"{layout}, {'train' if training else 'eval'}, act={activation}"
                             f"{', residual' if residual else ''}")
                     yield name, lambda l=layout, t=training, a=activation, r=residual: _batch_norm(

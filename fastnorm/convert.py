@@ -55,6 +55,8 @@ def _module_activation(m):
         return _fusable("leaky_relu", m.negative_slope)
     if t is nn.GELU:
         return _fusable("gelu" if m.approximate == "none" else "gelu_tanh")
+    if t is nn.ELU:
+        return _fusable("elu") if m.alpha == 1.0 else None  # (the kernels' ELU has alpha 1)
     simple = {nn.ReLU: "relu", nn.SiLU: "silu", nn.ReLU6: "relu6", nn.Hardswish: "hardswish"}
     for module, names in (("activations", {"Swish": "silu", "HardSwish": "hardswish", "GELU": "gelu",
                                            "GELUTanh": "gelu_tanh"}),

@@ -24,6 +24,16 @@ def activate(x, activation, negative_slope=0.01):
         return F.leaky_relu(x, negative_slope)
     if activation == "silu":
         return F.silu(x)
+    if activation == "relu6":
+        return F.relu6(x)
+    if activation == "hardswish":
+        return F.hardswish(x)
+    if activation == "gelu":
+        return F.gelu(x)
+    if activation == "gelu_tanh":
+        return F.gelu(x, approximate="tanh")
+    if activation == "elu":
+        return F.elu(x)
     raise ValueError(f"unknown activation {activation!r}")
 
 

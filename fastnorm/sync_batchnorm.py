@@ -10,7 +10,7 @@ communication; outside a process group it is plain batch norm.
 import torch
 import torch.distributed as dist
 
-from ._ops import acc_dtype, activation_code, ops, transforms_active
+from ._ops import acc_dtype, activation_code, activation_needs_z, ops, transforms_active
 from .batchnorm import _FastBatchNorm
 
 
@@ -47,7 +47,7 @@ class _SyncBatchNorm(torch.autograd.Function):
             running_mean.lerp_(g_mean.to(running_mean.dtype), factor)
             running_var.lerp_(unbiased.to(running_var.dtype), factor)
         out = ops.batch_norm_elemt(input, g_mean, g_var, weight, bias, residual, eps, act, slope)
-        needs_z = act == 3 or (act == 2 and slope < 0)
+        needs_z = activation_needs_z(act, slope)
         ctx.save_for_backward(input, weight, bias, residual if act and needs_z else None,
                               out if act and not needs_z else None, g_mean, g_var, total)
         ctx.eps, ctx.act, ctx.slope, ctx.group = eps, act, slope, group

@@ -92,7 +92,8 @@ def check_matches_torch(device, layout, shape, dtype, training):
         assert ours[1].stride() == x.stride()
 
 
-EPILOGUES = [("relu", 0.01), ("leaky_relu", 0.2), ("leaky_relu", -0.3), ("silu", 0.01)]
+EPILOGUES = [("relu", 0.01), ("leaky_relu", 0.2), ("leaky_relu", -0.3), ("silu", 0.01), ("relu6", 0.01),
+             ("hardswish", 0.01), ("gelu", 0.01), ("gelu_tanh", 0.01), ("elu", 0.01)]
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -283,7 +284,7 @@ def test_module_is_a_drop_in():
     assert repr(ours) == repr(ref)
     assert "activation='relu'" in repr(fastnorm.BatchNorm2d(8, activation="relu"))
     with pytest.raises(ValueError, match="activation"):
-        fastnorm.BatchNorm2d(8, activation="gelu")
+        fastnorm.BatchNorm2d(8, activation="tanh")
 
 
 def test_checkpoints_load_both_ways():
@@ -423,7 +424,8 @@ def test_one_dimensional_input_as_torch(training):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES, ids=str)
-@pytest.mark.parametrize("activation", [None, "relu", "leaky_relu", "silu"])
+@pytest.mark.parametrize("activation", [None, "relu", "leaky_relu", "silu", "relu6", "hardswish", "gelu", "gelu_tanh",
+                                        "elu"])
 def test_non_finite_input_gradient_in_evaluation(device, layout, dtype, activation):
     """In evaluation the input gradient is dy * act' * weight / sqrt(var + eps): a NaN or inf
     in the input reaches it only through the activation, exactly where it does in torch's."""
@@ -434,12 +436,20 @@ def test_non_finite_input_gradient_in_evaluation(device, layout, dtype, activati
 
     def composed(x, rm, rv, w, b, training, momentum, eps):
         y = F.batch_norm(x, rm, rv, w, b, training, momentum, eps)
-        return y if activation is None else getattr(F, activation)(y)
+        return fastnorm.reference.activate(y, activation)
 
     ours = run_functional(fastnorm.functional.batch_norm, x, w, b, rm, rv, g, False, activation=activation)
     ref = run_functional(composed, x, w, b, rm, rv, g, False, upcast=True)
-    for o, r in zip(ours[:2], ref[:2]):  # output and input gradient
+    for i, (o, r) in enumerate(zip(ours[:2], ref[:2])):  # output and input gradient
+        if i == 1 and activation in NAN_GRADIENT_BY_PATH:
+            keep = ~x.isnan()
+            o, r = o[keep], r[keep]
         assert torch.equal(o.isnan(), r.isnan()) and torch.equal(o.isinf(), r.isinf())
         finite = torch.isfinite(r)
         assert_close_to_reference(o[finite], r[finite], dtype)
     assert torch.isfinite(ours[1]).any()
+
+
+# torch's own gradient of these at a NaN input depends on where the element falls: its
+# vectorized loop body gives 0 (relu6, hardswish) or dy * exp(NaN) (elu), its scalar tail dy.
+NAN_GRADIENT_BY_PATH = ("relu6", "hardswish", "elu")

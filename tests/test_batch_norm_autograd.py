@@ -6,7 +6,8 @@ import torch
 import fastnorm
 from conftest import DEVICES, RecordDispatch, assert_compiled_autograd_matches_eager, with_layout
 
-ACTIVATIONS = [(None, 0.01), ("relu", 0.01), ("leaky_relu", 0.2), ("leaky_relu", -0.3), ("silu", 0.01)]
+ACTIVATIONS = [(None, 0.01), ("relu", 0.01), ("leaky_relu", 0.2), ("leaky_relu", -0.3), ("silu", 0.01),
+               ("relu6", 0.01), ("hardswish", 0.01), ("gelu", 0.01), ("gelu_tanh", 0.01), ("elu", 0.01)]
 
 
 def f64(*shape, device="cpu", requires_grad=True):
@@ -33,9 +34,10 @@ def test_gradcheck_and_gradgradcheck(device, training, layout, activation, slope
 
     inputs = (x, w, b) + ((r,) if residual else ())
     assert torch.autograd.gradcheck(fn, inputs)
-    if activation != "relu" and activation != "leaky_relu":
-        # (relu's kink makes finite differences of the second derivative meaningless only
-        # at 0; keep gradgradcheck to the smooth cases and one leaky case below)
+    if activation not in ("relu", "leaky_relu", "relu6", "hardswish", "elu"):
+        # (a kink makes finite differences of the second derivative meaningless at it: relu's,
+        # relu6's, hardswish's, elu's at 0; keep gradgradcheck to the smooth cases and one
+        # leaky case below)
         assert torch.autograd.gradgradcheck(fn, inputs)
 
 

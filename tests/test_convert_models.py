@@ -138,10 +138,10 @@ def eval_outputs_agree(ours, theirs, x):
 
 TIMM_MODELS = {
     # name: converted layers by fused activation, the layers left as timm's (their act is
-    # one the kernels do not fuse: MobileNetV3's Hardswish), and the layers fold_batch_norm
-    # leaves (DenseNet normalizes before its convs)
+    # one the kernels do not fuse), and the layers fold_batch_norm leaves (DenseNet
+    # normalizes before its convs)
     "efficientnet_b0": ({"silu": 33, None: 16}, 0, 0),
-    "mobilenetv3_large_100": ({"relu": 11, None: 15}, 20, 0),
+    "mobilenetv3_large_100": ({"relu": 11, None: 15, "hardswish": 20}, 0, 0),
     "regnety_016": ({"relu": 55, None: 31}, 0, 0),
     "densenet121": ({"relu": 121}, 0, 62),
 }
@@ -234,10 +234,10 @@ def test_timm_layer_variants():
     frozen = freeze_batch_norm_2d(copy.deepcopy(theirs))
     sync = convert_sync_batchnorm(copy.deepcopy(theirs))
     assert all(type(m) is FrozenBatchNormAct2d for m in frozen) and all(type(m) is SyncBatchNormAct for m in sync)
-    fused = ["relu", "relu", "leaky_relu", "silu", "silu", "silu", "silu", None]
+    fused = ["relu", "relu", "leaky_relu", "silu", "silu", "silu", "silu", None, "hardswish", "gelu", "relu6"]
     for model, cls in ((theirs, BatchNormAct2d), (frozen, FrozenBatchNormAct2d), (sync, SyncBatchNormAct)):
         ours = fastnorm.convert(copy.deepcopy(model))
-        assert [getattr(m, "activation", "-") for m in ours] == fused + ["-"] * 4
+        assert [getattr(m, "activation", "-") for m in ours] == fused + ["-"]  # (the dropout drop stays)
         assert all(isinstance(m, cls) for m in ours)
         assert ours[2].negative_slope == 0.2
         x = torch.randn(3, 4, 5, 5, **X64)

@@ -80,10 +80,11 @@ def run_processes(sizes, case, tmp_path, timeout=180):
 CASES = [
     ([3, 5], {"momentum": 0.1, "activation": "relu", "channels_last": True}),
     ([0, 6], {"momentum": None, "activation": "silu", "channels_last": False}),  # an empty batch on rank 0
+    ([4, 2], {"momentum": 0.1, "activation": "gelu", "channels_last": False}),
 ]
 
 
-@pytest.mark.parametrize("sizes,case", CASES, ids=["uneven", "empty-rank"])
+@pytest.mark.parametrize("sizes,case", CASES, ids=["uneven", "empty-rank", "gelu"])
 def test_matches_single_process_on_the_concatenated_batch(sizes, case, tmp_path):
     results = run_processes(sizes, case, tmp_path)
     x, r, g, w, b = global_batch(sum(sizes))

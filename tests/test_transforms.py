@@ -16,7 +16,8 @@ import fastnorm
 import fastnorm.functional as FF
 
 TOL = dict(rtol=1e-7, atol=1e-9)
-ACTS = {None: lambda z, s: z, "relu": lambda z, s: F.relu(z), "leaky_relu": F.leaky_relu, "silu": lambda z, s: F.silu(z)}
+ACTS = {None: lambda z, s: z, "relu": lambda z, s: F.relu(z), "leaky_relu": F.leaky_relu, "silu": lambda z, s: F.silu(z),
+        "gelu_tanh": lambda z, s: F.gelu(z, approximate="tanh"), "hardswish": lambda z, s: F.hardswish(z)}
 
 
 def torch_batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps, residual=None,
@@ -158,7 +159,7 @@ def test_vmap_batched_running_stats():
 
 
 @pytest.mark.parametrize("training", [True, False])
-@pytest.mark.parametrize("activation", [None, "relu", "leaky_relu", "silu"])
+@pytest.mark.parametrize("activation", [None, "relu", "leaky_relu", "silu", "gelu_tanh", "hardswish"])
 @pytest.mark.parametrize("residual", [False, True])
 def test_functional_with_epilogue(training, activation, residual):
     """The functional with a residual and a fused activation under grad, jvp, vmap and

@@ -70,14 +70,36 @@ variable_list composite_backward(const Tensor& grad_out, const Tensor& input, co
     Tensor z = xhat * w;
     if (bias.defined()) z = z + bias.to(acc).view(shape);
     if (residual.defined()) z = z + residual.to(acc);
-    if (act == Activation::LeakyReLU) {
-      dz = at::where(z > 0, dy, dy * slope);
-    } else {
-      const Tensor s = at::sigmoid(z);
-      dz = dy * s * (1 + z * (1 - s));
+    switch (act) {
+      case Activation::LeakyReLU:
+        dz = at::where(z > 0, dy, dy * slope);
+        break;
+      case Activation::HardSwish:
+        dz = at::where(z < -3, at::zeros_like(dy), at::where(z <= 3, dy * (z / 3 + 0.5), dy));
+        break;
+      case Activation::GELU:
+        dz = dy * (0.5 * (1 + at::erf(z * kInvSqrt2)) + z * at::exp(-0.5 * z * z) * kInvSqrt2Pi);
+        break;
+      case Activation::GELUTanh: {
+        const Tensor t = at::tanh(kSqrt2OverPi * (z + kGeluCubic * z * z * z));
+        dz = dy * (0.5 * (1 + t) + 0.5 * z * (1 - t * t) * kSqrt2OverPi * (1 + 3 * kGeluCubic * z * z));
+        break;
+      }
+      case Activation::ReLU6:
+        dz = at::where(at::logical_and(z > 0, z < 6), dy, at::zeros_like(dy));
+        break;
+      case Activation::ELU:
+        dz = at::where(z <= 0, dy * at::exp(z), dy);
+        break;
+      default: {  // SiLU
+        const Tensor s = at::sigmoid(z);
+        dz = dy * s * (1 + z * (1 - s));
+      }
     }
+  } else if (act == Activation::ReLU) {
+    dz = at::where(output <= 0, at::zeros_like(dy), dy);
   } else if (act != Activation::None) {
-    dz = act == Activation::ReLU ? at::where(output <= 0, at::zeros_like(dy), dy) : at::where(output > 0, dy, dy * slope);
+    dz = at::where(output > 0, dy, dy * slope);
   }
   Tensor gx;
   if (training) {

@@ -19,6 +19,11 @@ FASTNORM_HD inline float fn_exp(float x) { return ::expf(x); }
 FASTNORM_HD inline double fn_exp(double x) { return ::exp(x); }
 FASTNORM_HD inline float fn_sqrt(float x) { return ::sqrtf(x); }
 FASTNORM_HD inline double fn_sqrt(double x) { return ::sqrt(x); }
+FASTNORM_HD inline float fn_erf(float x) { return ::erff(x); }
+FASTNORM_HD inline double fn_erf(double x) { return ::erf(x); }
+FASTNORM_HD inline double fn_tanh(double x) { return ::tanh(x); }
+FASTNORM_HD inline float fn_expm1(float x) { return ::expm1f(x); }
+FASTNORM_HD inline double fn_expm1(double x) { return ::expm1(x); }
 
 // a / b and 1 / sqrt(x). On the device, in float32, the hardware's division (within 2 ulp)
 // and rsqrt, as torch's own CUDA batch norm uses: the IEEE forms call slow-path
@@ -37,6 +42,16 @@ FASTNORM_HD inline T fn_div(T a, T b) {
 #endif
 }
 
+// tanh; on the device in float32 as 1 - 2 / (1 + exp(2x)), with the hardware's division:
+// tanhf's longer sequence spilled registers in the fused kernels.
+FASTNORM_HD inline float fn_tanh(float x) {
+#if defined(__CUDA_ARCH__)
+  return 1.0f - fn_div(2.0f, 1.0f + ::expf(2.0f * x));
+#else
+  return ::tanhf(x);
+#endif
+}
+
 template <typename T>
 FASTNORM_HD inline T fn_rsqrt(T x) {
 #if defined(__CUDA_ARCH__)
@@ -47,7 +62,20 @@ FASTNORM_HD inline T fn_rsqrt(T x) {
 }
 
 // Activation applied after the (optional) residual add. Values match the Python side.
-enum class Activation : int64_t { None = 0, ReLU = 1, LeakyReLU = 2, SiLU = 3 };
+// The fused activations, as torch's: relu6 = hardtanh(0, 6), gelu with erf, gelu_tanh
+// (approximate="tanh"), elu with alpha 1.
+enum class Activation : int64_t {
+  None = 0,
+  ReLU = 1,
+  LeakyReLU = 2,
+  SiLU = 3,
+  ReLU6 = 4,
+  HardSwish = 5,
+  GELU = 6,
+  GELUTanh = 7,
+  ELU = 8,
+};
+constexpr int64_t kActivations = 9;
 
 // Calls f(std::integral_constant<Activation, act>{}) (host side): one kernel instance per
 // activation.
@@ -61,6 +89,16 @@ void with_activation(Activation act, F&& f) {
       return f(std::integral_constant<A, A::LeakyReLU>{});
     case A::SiLU:
       return f(std::integral_constant<A, A::SiLU>{});
+    case A::ReLU6:
+      return f(std::integral_constant<A, A::ReLU6>{});
+    case A::HardSwish:
+      return f(std::integral_constant<A, A::HardSwish>{});
+    case A::GELU:
+      return f(std::integral_constant<A, A::GELU>{});
+    case A::GELUTanh:
+      return f(std::integral_constant<A, A::GELUTanh>{});
+    case A::ELU:
+      return f(std::integral_constant<A, A::ELU>{});
     default:
       return f(std::integral_constant<A, A::None>{});
   }
@@ -194,9 +232,18 @@ FASTNORM_HD inline ForwardCoef<T> forward_coef(T mean, T invstd, T weight, T bia
 
 // Whether the activation's derivative needs the pre-activation z; otherwise it can be read
 // off the output y (relu, and leaky relu with a non-negative slope, keep the sign of z).
+// relu6 needs z: a half or bfloat16 output rounds values just below 6 up to 6.
 FASTNORM_HD inline bool activation_needs_z(Activation act, double slope) {
-  return act == Activation::SiLU || (act == Activation::LeakyReLU && slope < 0.0);
+  return act == Activation::SiLU || act == Activation::ReLU6 || act == Activation::HardSwish ||
+         act == Activation::GELU || act == Activation::GELUTanh || act == Activation::ELU ||
+         (act == Activation::LeakyReLU && slope < 0.0);
 }
+
+// GELU's constants: 1 / sqrt(2), 1 / sqrt(2 pi), sqrt(2 / pi) and the tanh form's cubic term.
+constexpr double kInvSqrt2 = 0.70710678118654752440;
+constexpr double kInvSqrt2Pi = 0.39894228040143267794;
+constexpr double kSqrt2OverPi = 0.79788456080286535588;
+constexpr double kGeluCubic = 0.044715;
 
 template <typename T>
 FASTNORM_HD inline T sigmoid(T z) {
@@ -212,6 +259,19 @@ FASTNORM_HD inline T activate(T z, Activation act, T slope) {
       return z > T(0) ? z : z * slope;
     case Activation::SiLU:
       return z * sigmoid(z);
+    case Activation::ReLU6:
+      return z <= T(0) ? T(0) : (z >= T(6) ? T(6) : z);  // (a NaN stays NaN)
+    case Activation::HardSwish:
+    {  // z * min(max(z + 3, 0), 6) / 6, as torch's (a NaN stays NaN)
+      const T r = z + T(3);
+      return fn_div(z * (r <= T(0) ? T(0) : (r >= T(6) ? T(6) : r)), T(6));
+    }
+    case Activation::GELU:
+      return T(0.5) * z * (T(1) + fn_erf(z * T(kInvSqrt2)));
+    case Activation::GELUTanh:
+      return T(0.5) * z * (T(1) + fn_tanh(T(kSqrt2OverPi) * (z + T(kGeluCubic) * z * z * z)));
+    case Activation::ELU:
+      return z > T(0) ? z : fn_expm1(z);
     default:
       return z;
   }
@@ -230,6 +290,20 @@ FASTNORM_HD inline T activation_backward(T dy, T v, Activation act, T slope) {
       const T s = sigmoid(v);
       return dy * s * (T(1) + v * (T(1) - s));
     }
+    case Activation::ReLU6:  // as torch's vectorized hardtanh_backward (a NaN gives 0)
+      return (v > T(0) && v < T(6)) ? dy : T(0);
+    case Activation::HardSwish:
+      return v < T(-3) ? T(0) : (v <= T(3) ? dy * (fn_div(v, T(3)) + T(0.5)) : dy);
+    case Activation::GELU:
+      return dy * (T(0.5) * (T(1) + fn_erf(v * T(kInvSqrt2))) + v * fn_exp(T(-0.5) * v * v) * T(kInvSqrt2Pi));
+    case Activation::GELUTanh: {
+      const T inner = T(kSqrt2OverPi) * (v + T(kGeluCubic) * v * v * v);
+      const T t = fn_tanh(inner);
+      const T d_inner = T(kSqrt2OverPi) * (T(1) + T(3 * kGeluCubic) * v * v);
+      return dy * (T(0.5) * (T(1) + t) + T(0.5) * v * (T(1) - t * t) * d_inner);
+    }
+    case Activation::ELU:  // (a NaN passes dy, as torch's elu_backward)
+      return v <= T(0) ? dy * fn_exp(v) : dy;
     default:
       return dy;
   }

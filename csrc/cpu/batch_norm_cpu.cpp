@@ -47,6 +47,17 @@ inline Vec activate_vec(Vec z, Vec slope) {
     return Vec::blendv(z * slope, z, z > Vec(0));
   } else if constexpr (A == Activation::SiLU) {
     return z / (Vec(1) + z.neg().exp());
+  } else if constexpr (A == Activation::ReLU6) {
+    return Vec::blendv(Vec::blendv(z, Vec(0), z <= Vec(0)), Vec(6), z >= Vec(6));  // (a NaN stays NaN)
+  } else if constexpr (A == Activation::HardSwish) {
+    // as torch's: an infinite z gives inf * 6 / 6 or -inf * 0 (NaN), a NaN stays NaN
+    return z * at::vec::minimum(at::vec::maximum(z + Vec(3), Vec(0)), Vec(6)) / Vec(6);
+  } else if constexpr (A == Activation::GELU) {
+    return Vec(0.5) * z * (Vec(1) + (z * Vec(kInvSqrt2)).erf());
+  } else if constexpr (A == Activation::GELUTanh) {
+    return Vec(0.5) * z * (Vec(1) + (Vec(kSqrt2OverPi) * (z + Vec(kGeluCubic) * z * z * z)).tanh());
+  } else if constexpr (A == Activation::ELU) {
+    return Vec::blendv(z.expm1(), z, z > Vec(0));
   } else {
     return z;
   }
@@ -62,6 +73,21 @@ inline Vec activation_backward_vec(Vec dy, Vec v, Vec slope) {
   } else if constexpr (A == Activation::SiLU) {
     const Vec s = Vec(1) / (Vec(1) + v.neg().exp());
     return dy * s * (Vec(1) + v * (Vec(1) - s));
+  } else if constexpr (A == Activation::ReLU6) {  // a NaN gives 0, as torch's vectorized path
+    return Vec::blendv(Vec(0), dy, (v > Vec(0)) & (v < Vec(6)));
+  } else if constexpr (A == Activation::HardSwish) {
+    const Vec mid = dy * (v / Vec(3) + Vec(0.5));
+    return Vec::blendv(Vec::blendv(dy, mid, v <= Vec(3)), Vec(0), v < Vec(-3));
+  } else if constexpr (A == Activation::GELU) {
+    const Vec cdf = Vec(0.5) * (Vec(1) + (v * Vec(kInvSqrt2)).erf());
+    const Vec pdf = (Vec(-0.5) * v * v).exp() * Vec(kInvSqrt2Pi);
+    return dy * (cdf + v * pdf);
+  } else if constexpr (A == Activation::GELUTanh) {
+    const Vec t = (Vec(kSqrt2OverPi) * (v + Vec(kGeluCubic) * v * v * v)).tanh();
+    const Vec d_inner = Vec(kSqrt2OverPi) * (Vec(1) + Vec(3 * kGeluCubic) * v * v);
+    return dy * (Vec(0.5) * (Vec(1) + t) + Vec(0.5) * v * (Vec(1) - t * t) * d_inner);
+  } else if constexpr (A == Activation::ELU) {
+    return Vec::blendv(dy, dy * v.exp(), v <= Vec(0));  // (a NaN passes dy)
   } else {
     return dy;
   }
