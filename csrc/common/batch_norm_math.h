@@ -309,26 +309,27 @@ FASTNORM_HD inline T activation_backward(T dy, T v, Activation act, T slope) {
   }
 }
 
-// Backward per channel: dx = dz * k_dz + x * k_x + k_c, where dz is the gradient at the
-// pre-activation. In training the batch statistics depend on x:
+// Backward per channel: dx = (dz - mean_dz) * k_dz + (x - mean) * k_x, where dz is the
+// gradient at the pre-activation. In training the batch statistics depend on x:
 //   dx = w * invstd * (dz - mean(dz) - (x - mean) * invstd^2 * mean(dz * (x - mean)));
-// in evaluation they are constants and dx = w * invstd * dz.
+// in evaluation they are constants and dx = w * invstd * dz (mean_dz = k_x = 0). Both
+// differences are taken before their products, as torch's: folded into one constant
+// (dz * k_dz + x * k_x + c) they cancel afterwards, and the gradient's error grew with
+// mean / std and with mean(dz) / dz.
 template <typename T>
 struct BackwardCoef {
   T k_dz;
   T k_x;
-  T k_c;
+  T mean_dz;
 };
 
 template <typename T>
-FASTNORM_HD inline BackwardCoef<T> backward_coef(T mean, T invstd, T weight, bool training, T mean_dz,
-                                                 T mean_dz_xmu) {
+FASTNORM_HD inline BackwardCoef<T> backward_coef(T invstd, T weight, bool training, T mean_dz, T mean_dz_xmu) {
   const T k = weight * invstd;
   if (!training) {
     return {k, T(0), T(0)};
   }
-  const T k_x = -k * invstd * invstd * mean_dz_xmu;
-  return {k, k_x, -k * mean_dz - mean * k_x};
+  return {k, -k * invstd * invstd * mean_dz_xmu, mean_dz};
 }
 
 // Parameter gradients from the two per-channel sums.

@@ -94,9 +94,9 @@ inline Vec activation_backward_vec(Vec dy, Vec v, Vec slope) {
 }
 
 // Per-channel coefficients seen by the element loops, by slot: z = x * scale + shift;
-// grad input = dz * k_dz + x * k_x + k_c; the mean for the sums of dz * (x - mean) (and
-// the statistics' shift).
-enum Slot { kScale = 0, kShift, kDz, kX, kC, kMean, kSlots };
+// grad input = (dz - mean_dz) * k_dz + (x - mean) * k_x; the mean for it and for the sums of
+// dz * (x - mean) (and the statistics' shift).
+enum Slot { kScale = 0, kShift, kDz, kX, kMeanDz, kMean, kSlots };
 
 // Coefficient sources: at(k, p) is slot k for the values at span position p.
 // Planar layout: one channel per span, coefficients broadcast.
@@ -302,7 +302,7 @@ void grad_sums_span(const scalar_t* __restrict x, const scalar_t* __restrict res
   });
 }
 
-// grad input = dz * k_dz + x * k_x + k_c (training), dz * k_dz (evaluation: x takes no
+// grad input = (dz - mean_dz) * k_dz + (x - mean) * k_x (training), dz * k_dz (evaluation: x takes no
 // part, so a non-finite x leaves its gradient finite, as torch's); dz itself into dz_out.
 template <typename scalar_t, Activation A, class Cf>
 void grad_input_span(const scalar_t* __restrict x, const scalar_t* __restrict res, const scalar_t* __restrict y,
@@ -318,7 +318,8 @@ void grad_input_span(const scalar_t* __restrict x, const scalar_t* __restrict re
       Vec_t<scalar_t> g[L::kVecs];
       for (int64_t k = 0; k < L::kVecs; ++k) {
         const int64_t p = i + k * Vec_t<scalar_t>::size();
-        g[k] = training ? at::vec::fmadd(dz[k], cf.at(kDz, p), at::vec::fmadd(v[k], cf.at(kX, p), cf.at(kC, p)))
+        g[k] = training ? at::vec::fmadd(dz[k] - cf.at(kMeanDz, p), cf.at(kDz, p),
+                                         (v[k] - cf.at(kMean, p)) * cf.at(kX, p))
                         : dz[k] * cf.at(kDz, p);
       }
       L::store(dx + i, g, cnt, stream);
@@ -576,10 +577,10 @@ struct Channels {
   void backward_slots(int64_t c, double mean_dz, double mean_dz_xmu, acc_t* slot) const {
     forward_slots(c, slot);
     const double invstd = inv_std<double>(double(var[c]), eps);
-    const auto k = backward_coef<double>(double(mean[c]), invstd, double(w(c)), training, mean_dz, mean_dz_xmu);
+    const auto k = backward_coef<double>(invstd, double(w(c)), training, mean_dz, mean_dz_xmu);
     slot[kDz] = acc_t(k.k_dz);
     slot[kX] = acc_t(k.k_x);
-    slot[kC] = acc_t(k.k_c);
+    slot[kMeanDz] = acc_t(k.mean_dz);
   }
 };
 
@@ -914,8 +915,8 @@ void backward_impl(const BackwardArgs& a, bool reduce, bool elemt, std::vector<t
     });
   }
   if (elemt) {
-    const RepeatedSlots<acc_t> rs(G, kC + 1, slots);
-    row_element_pass<scalar_t>(G, rs, kC + 1, M, rpb, nb,
+    const RepeatedSlots<acc_t> rs(G, kSlots, slots);
+    row_element_pass<scalar_t>(G, rs, kSlots, M, rpb, nb,
                                [&](int64_t off, int64_t len, const auto& cf) FASTNORM_INLINE_LAMBDA {
                                  T.template grad_input<A>(off, len, cf);
                                });

@@ -59,7 +59,7 @@ __device__ __forceinline__ Sums<T> load_partial(const Sums<T>* p) {
 template <typename acc_t>
 struct ChannelCoef {
   acc_t scale, shift;      // z = x * scale + shift
-  acc_t k_dz, k_x, k_c;    // grad input = dz * k_dz + x * k_x + k_c
+  acc_t k_dz, k_x, mean_dz;  // grad input = (dz - mean_dz) * k_dz + (x - mean) * k_x
   acc_t mean;              // for the sums of dz * (x - mean)
 };
 
@@ -84,10 +84,10 @@ struct ChannelInputs {
   __device__ __forceinline__ ChannelCoef<acc_t> backward(int64_t c, bool training, acc_t mean_dz,
                                                          acc_t mean_dz_xmu) const {
     ChannelCoef<acc_t> k = forward(c, mean[c], var[c]);
-    const auto g = backward_coef<acc_t>(mean[c], inv_std<acc_t>(var[c], eps), w(c), training, mean_dz, mean_dz_xmu);
+    const auto g = backward_coef<acc_t>(inv_std<acc_t>(var[c], eps), w(c), training, mean_dz, mean_dz_xmu);
     k.k_dz = g.k_dz;
     k.k_x = g.k_x;
-    k.k_c = g.k_c;
+    k.mean_dz = g.mean_dz;
     return k;
   }
 };
@@ -187,11 +187,11 @@ __device__ __forceinline__ acc_t forward_value(const ChannelCoef<acc_t>& k, acc_
 }
 
 // One value of the input gradient from dz, the gradient at the pre-activation. Evaluation's
-// coefficients (k_x = k_c = 0) leave x out, so that a non-finite x keeps its gradient
+// coefficients (k_x = mean_dz = 0) leave x out, so that a non-finite x keeps its gradient
 // finite, as torch's; in training a zero k_x comes only with finite statistics.
 template <typename acc_t>
 __device__ __forceinline__ acc_t grad_input_value(const ChannelCoef<acc_t>& k, acc_t dz, acc_t xv) {
-  return k.k_x == acc_t(0) ? dz * k.k_dz + k.k_c : dz * k.k_dz + xv * k.k_x + k.k_c;
+  return k.k_x == acc_t(0) ? (dz - k.mean_dz) * k.k_dz : (dz - k.mean_dz) * k.k_dz + (xv - k.mean) * k.k_x;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -520,7 +520,7 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// grad input = dz * k_dz + x * k_x + k_c, and dz itself (the residual's gradient).
+// grad input = (dz - mean_dz) * k_dz + (x - mean) * k_x, and dz itself (the residual's gradient).
 template <int VEC, typename scalar_t, typename acc_t, Activation A>
 __global__ void __launch_bounds__(kThreads)
     grad_input_kernel(GradOp<scalar_t, acc_t, A> op, scalar_t* __restrict__ dx, scalar_t* __restrict__ dz_out,
