@@ -839,17 +839,11 @@ def test_batch_norm_deterministic_across_runs_and_threads(shape, layout, dtype, 
     assert not problems, problems
 
 
-WN_SHAPES = [(6, 4096), (1024, 256), (4096, 32), (64, 32, 3, 3)]  # a classifier head; square-ish; short rows; a conv
-
-
-# Known and open: dim 0 with fewer slices than 4x the threads takes a path chosen by the
-# thread count (slice_pass in csrc/cpu/weight_norm_cpu.cpp), whose backward sums round
-# differently from the others'. Strict: the test fails once that is fixed, to drop the mark.
-_THREAD_DEPENDENT_PATH = pytest.mark.xfail(
-    strict=True, reason="weight-norm CPU backward: the slice path depends on the thread count")
+# A classifier head (fewer slices than 4x the threads); slices around that count for 4 threads;
+# square-ish; short rows; a conv; runs longer than a shared piece, with an outer dimension.
+WN_SHAPES = [(6, 4096), (12, 4096), (1024, 256), (4096, 32), (64, 32, 3, 3), (2, 6, 70000)]
 WN_DETERMINISM_CASES = [
-    pytest.param(shape, dtype, dim, id=f"{shape}-{dtype}-{dim}",
-                 marks=[_THREAD_DEPENDENT_PATH] if (shape, dtype, dim) == ((6, 4096), torch.float32, 0) else [])
+    pytest.param(shape, dtype, dim, id=f"{shape}-{dtype}-{dim}")
     for shape in WN_SHAPES for dtype in (torch.float32, torch.bfloat16) for dim in (0, 1)
 ]
 

@@ -174,11 +174,13 @@ int64_t threads() { return std::max<int64_t>(1, at::get_num_threads()); }
 
 // Whether the backward's slices go one at a time through slice_pass: each one run of at least
 // kMinRun values (dim 0 of a dense weight; up to kBatchBackward values they go in batches,
-// below), and enough of them for every thread. Measured against the grouped loop, one
-// thread, float32 (D, n) weights: one at a time was 1.3x faster at n = 32 and 48, 1.2x at
-// 64-128, about even at 512-2304.
+// below), and enough of them to share (kManySlices: four threads' worth). One at a time
+// saves the grouped loop's overhead on short slices and is about even from 512 values on.
+// The count is fixed, not the thread count: this path's formula rounds differently from the
+// grouped one's, and results must not depend on the number of threads.
+constexpr int64_t kManySlices = 16;
 bool one_by_one(const WeightNormArgs& a) {
-  return a.outer == 1 && a.inner >= kMinRun && (a.D >= 4 * threads() || a.D * a.inner <= kGrain);
+  return a.outer == 1 && a.inner >= kMinRun && (a.D >= kManySlices || a.D * a.inner <= kGrain);
 }
 
 // Slices with runs (inner > 1, or the whole tensor): the slice's total of p * q over its
@@ -187,7 +189,12 @@ bool one_by_one(const WeightNormArgs& a) {
 // by_one: one slice at a time (one_by_one(a) must hold).
 template <typename T, typename Finish, typename Write>
 void slice_pass(const WeightNormArgs& a, const T* p, const T* q, Finish&& finish, Write&& write, bool by_one = false) {
-  auto reduce = [p, q](int64_t off, int64_t n) FASTNORM_INLINE_LAMBDA { return dot(p + off, q + off, n); };
+  // A run's products, added into `total` a piece (kPiece values) at a time: the grouped and
+  // the shared paths below add the same partial sums in the same order, so that the thread
+  // count, which picks the path, does not change the result.
+  auto reduce = [p, q](double& total, int64_t off, int64_t n) FASTNORM_INLINE_LAMBDA {
+    for (int64_t s = 0; s < n; s += kPiece) total += dot(p + off + s, q + off + s, std::min(kPiece, n - s));
+  };
   using C = decltype(finish(int64_t(0), 0.0));
   const int64_t D = a.D, outer = a.outer, inner = a.inner, per_slice = outer * inner;
   auto run_offset = [&](int64_t d, int64_t o) FASTNORM_INLINE_LAMBDA { return (o * D + d) * inner; };
@@ -225,7 +232,7 @@ void slice_pass(const WeightNormArgs& a, const T* p, const T* q, Finish&& finish
         const int64_t e = std::min(d1, d + group_);
         for (int64_t i = d; i < e; ++i) {
           total[i - d] = 0;
-          for (int64_t o = 0; o < outer_; ++o) total[i - d] += reduce_((o * D_ + i) * inner_, inner_);
+          for (int64_t o = 0; o < outer_; ++o) reduce_(total[i - d], (o * D_ + i) * inner_, inner_);
         }
         for (int64_t i = d; i < e; ++i) coef[i - d] = finish_(i, total[i - d]);
         for (int64_t i = d; i < e; ++i) {
@@ -250,7 +257,7 @@ void slice_pass(const WeightNormArgs& a, const T* p, const T* q, Finish&& finish
     for (int64_t t = t0; t < t1; ++t) {
       int64_t d, off, n;
       piece(t, d, off, n);
-      partial[t] = reduce(off, n);
+      partial[t] = dot(p + off, q + off, n);
     }
   });
   std::vector<C> coef(D);
