@@ -19,77 +19,14 @@ import argparse
 import copy
 import statistics
 import time
-import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import fastnorm
-
-LRELU_SLOPE = 0.1
-
-
-def _weight_norm(module):
-    with warnings.catch_warnings():  # the deprecated API, as HiFi-GAN's code uses it
-        warnings.simplefilter("ignore", FutureWarning)
-        return nn.utils.weight_norm(module)
-
-
-def _padding(kernel_size, dilation):
-    return (kernel_size * dilation - dilation) // 2
-
-
-class ResBlock(nn.Module):
-    """HiFi-GAN's ResBlock1: pairs of (dilated conv, conv), each pair a residual step."""
-
-    def __init__(self, channels, kernel_size=3, dilations=(1, 3, 5)):
-        super().__init__()
-        self.convs1 = nn.ModuleList(_weight_norm(nn.Conv1d(channels, channels, kernel_size, dilation=d,
-                                                           padding=_padding(kernel_size, d))) for d in dilations)
-        self.convs2 = nn.ModuleList(_weight_norm(nn.Conv1d(channels, channels, kernel_size,
-                                                           padding=_padding(kernel_size, 1))) for _ in dilations)
-
-    def forward(self, x):
-        for c1, c2 in zip(self.convs1, self.convs2):
-            xt = c1(F.leaky_relu(x, LRELU_SLOPE))
-            xt = c2(F.leaky_relu(xt, LRELU_SLOPE))
-            x = xt + x
-        return x
-
-
-class HiFiGANGenerator(nn.Module):
-    """A HiFi-GAN (V1-style) generator: mel frames (N, mels, T) to a waveform
-    (N, 1, T * prod(upsample_rates)), every conv under torch's deprecated weight norm."""
-
-    def __init__(self, mels=32, channels=64, upsample_rates=(8, 4, 2), upsample_kernel_sizes=(16, 8, 4),
-                 resblock_kernel_sizes=(3, 7), resblock_dilations=((1, 3, 5), (1, 3, 5))):
-        super().__init__()
-        self.num_kernels = len(resblock_kernel_sizes)
-        self.conv_pre = _weight_norm(nn.Conv1d(mels, channels, 7, padding=3))
-        self.ups = nn.ModuleList()
-        self.resblocks = nn.ModuleList()
-        for i, (u, k) in enumerate(zip(upsample_rates, upsample_kernel_sizes)):
-            cin, cout = channels // 2 ** i, channels // 2 ** (i + 1)
-            self.ups.append(_weight_norm(nn.ConvTranspose1d(cin, cout, k, u, padding=(k - u) // 2)))
-            for kernel, dilations in zip(resblock_kernel_sizes, resblock_dilations):
-                self.resblocks.append(ResBlock(cout, kernel, dilations))
-        self.conv_post = _weight_norm(nn.Conv1d(cout, 1, 7, padding=3))
-
-    def forward(self, x):
-        x = self.conv_pre(x)
-        for i, up in enumerate(self.ups):
-            x = up(F.leaky_relu(x, LRELU_SLOPE))
-            blocks = self.resblocks[i * self.num_kernels:(i + 1) * self.num_kernels]
-            x = sum(block(x) for block in blocks) / self.num_kernels
-        return torch.tanh(self.conv_post(F.leaky_relu(x)))
-
-
-def make_generator(seed=0, **kwargs):
-    """The generator with the initial weights of ``seed`` (the deprecated weight-norm hook
-    does not deep-copy, so twins are built, not copied)."""
-    torch.manual_seed(seed)
-    return HiFiGANGenerator(**kwargs)
+# The generator as HiFi-GAN's code writes it (also the benchmark model suite's).
+from fastnorm.model_zoo import HiFiGANGenerator, make_generator  # noqa: F401
 
 
 def time_training(models, batch, loss_fn, device, steps, warmup):
