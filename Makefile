@@ -17,7 +17,7 @@ STAMP := $(VENV)/.fastnorm-deps
 $(STAMP):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install "$(TORCH)" ninja numpy pytest expecttest hypothesis setuptools wheel
+	$(PY) -m pip install "$(TORCH)" ninja numpy pytest expecttest hypothesis setuptools wheel matplotlib
 	$(PY) -m pip install $(MODEL_LIBS) "$(TORCH)"
 	# fastnorm importable from this checkout, as an editable install without a second build
 	$(PY) -c "import site, sys; open(site.getsitepackages()[0] + '/fastnorm-checkout.pth', 'w').write(sys.argv[1])" "$(CURDIR)"

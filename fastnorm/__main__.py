@@ -41,7 +41,13 @@ def main(argv=None):
         from fastnorm.bench import main as run
     else:
         run = commands["info"]
-    return run(argv[1:])
+    from fastnorm._cli import UsageError
+
+    try:
+        return run(argv[1:])
+    except UsageError as e:
+        print(f"fastnorm {argv[0]}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

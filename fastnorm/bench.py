@@ -18,9 +18,15 @@ Modes (--mode; every output and results file names the one that produced it):
                   allocator does and as torch does on CUDA: the kernels alone are timed.
   thp             plain, with torch's THP_MEM_ALLOC_ENABLE=1 (transparent huge pages for
                   large CPU tensors: fewer faults).
+
+--json and --markdown are rewritten after every case; --plot (matplotlib) draws each case's
+speedup over torch when the run ends. A usage error (no case matching the filters, no GPU
+for --device cuda, a path that cannot be written, a bad number) is one line on stderr and
+exit status 2, before anything is timed.
 """
 import argparse
 import datetime
+import importlib.util
 import json
 import math
 import os
@@ -31,9 +37,11 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 import torch.nn.functional as F
-from torch.utils.benchmark import Timer
 
 import fastnorm
+from fastnorm import model_zoo
+from fastnorm._cli import UsageError, check_writable
+from fastnorm.bench_models import format_model_results, run_model_case
 
 # (C, H, W) of every distinct batch-norm input in torchvision's ResNet-50.
 RESNET50_BN = [
@@ -149,6 +157,10 @@ class Timings:
     rounds of a's time over b's in the same round."""
 
     def __init__(self, fns, min_run_time, rounds=9):
+        # (imported here: importing it warns on a CUDA torch without a GPU, which a usage
+        # error's one line should not carry)
+        from torch.utils.benchmark import Timer
+
         for fn in fns.values():
             fn()  # warm-up: allocations, first-call costs, compilation
         timers = {k: Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads()) for k, fn in fns.items()}
@@ -360,7 +372,7 @@ def format_wn_results(results):
     return "\n".join(lines)
 
 
-def main(argv):
+def _parse(argv):
     p = argparse.ArgumentParser(prog="python -m fastnorm bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=["cpu", "cuda", "all"], default="all",
@@ -373,40 +385,93 @@ def main(argv):
     p.add_argument("--filter", default="", help="only cases whose name contains this")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="only batch-norm cases of this dtype")
     p.add_argument("--layout", choices=["contiguous", "channels_last"], help="only batch-norm cases of this layout")
-    p.add_argument("--suite", choices=["all", "batch_norm", "weight_norm"], default="all",
-                   help="which op family to time")
+    p.add_argument("--suite", choices=["all", "batch_norm", "weight_norm", "models"], default="all",
+                   help="what to time: all (both op families), one op family, or models (training "
+                        "steps of real models, fastnorm.model_zoo)")
+    p.add_argument("--large", action="store_true", help="models: the sizes people train at (default: "
+                                                        "a short size for a small CPU machine)")
     p.add_argument("--min-run-time", type=float, default=None, help="seconds per measurement")
     p.add_argument("--json", help="write the results here")
     p.add_argument("--markdown", help="write the table here")
+    p.add_argument("--plot", metavar="FILE.png",
+                   help="draw each case's speedup over torch into this image (needs matplotlib)")
     p.add_argument("--mode", choices=MODES, default="plain", help="the process's memory setting (default: plain)")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
 
+
+def _plan(args):
+    """[(device, batch-norm cases, weight-norm cases, model cases)] for the command line; UsageError for
+    anything that would fail or time nothing, before any case runs."""
+    if args.batch is not None and args.batch <= 0:
+        raise UsageError(f"--batch {args.batch}: the batch must be a positive number")
+    if args.min_run_time is not None and not args.min_run_time > 0:
+        raise UsageError(f"--min-run-time {args.min_run_time}: must be a positive number of seconds")
+    if args.plot:
+        try:
+            from matplotlib.figure import Figure
+        except ImportError:
+            raise UsageError("--plot needs matplotlib: pip install matplotlib") from None
+        ext = os.path.splitext(args.plot)[1].lower().lstrip(".")
+        formats = Figure().canvas.get_supported_filetypes()
+        if ext and ext not in formats:
+            raise UsageError(f"--plot {args.plot}: unknown image format .{ext} "
+                             f"(use one of {', '.join(sorted(formats))})")
+    for path, what in ((args.json, "the JSON results"), (args.markdown, "the markdown table"),
+                       (args.plot, "the plot")):
+        if path:
+            check_writable(path, what)
+    cuda = fastnorm.backends()["cuda"]
+    if args.device == "cuda" and not cuda:
+        raise UsageError("--device cuda: no GPU here, or fastnorm built without CUDA")
+    plan = []
+    for device in ["cpu", "cuda"] if args.device == "all" else [args.device]:
+        if device == "cuda" and not cuda:
+            continue
+        batch = args.batch or (32 if device == "cpu" else 64)
+        cases, wn_cases, model_cases = [], [], []
+        if args.suite == "models":
+            model_cases = [c for c in model_zoo.suite("quick" if args.quick else "large" if args.large else "default")
+                           if args.filter in c.name and args.layout in (None, c.layout)
+                           and args.dtype in (None, str(c.dtype).replace("torch.", ""))]
+            for lib in sorted({c.library for c in model_cases if c.library}):
+                if importlib.util.find_spec(lib) is None:
+                    raise UsageError(f"--suite models needs {lib}: pip install {lib}")
+        elif args.suite != "weight_norm":
+            cases = [c for c in (quick_suite() if args.quick else default_suite(batch))
+                     if args.filter in c.name and args.layout in (None, c.layout)
+                     and args.dtype in (None, str(c.dtype).replace("torch.", ""))]
+        if args.suite in ("all", "weight_norm"):
+            wn_cases = [c for c in wn_suite(args.quick) if args.filter in c[0]]
+        plan.append((device, cases, wn_cases, model_cases))
+    if not any(any(lists) for _, *lists in plan):
+        given = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in (("filter", args.filter), ("dtype", args.dtype),
+                                                                    ("layout", args.layout), ("suite", args.suite))
+                         if v and not (k == "suite" and v == "all"))
+        raise UsageError(f"no case matches {given or 'the command line'}"
+                         f"{' in the --quick suite' if args.quick else ''}")
+    return plan
+
+
+def main(argv):
+    args = _parse(argv)
+    plan = _plan(args)
     if args.mode == "thp" and os.environ.get("THP_MEM_ALLOC_ENABLE") != "1":
         # torch reads it when it starts: run again with it set
         os.environ["THP_MEM_ALLOC_ENABLE"] = "1"
         os.execv(sys.executable, [sys.executable, "-m", "fastnorm", "bench", *argv])
     heap_kept = keep_freed_memory() if args.mode == "warm-allocator" else False
     if args.mode == "warm-allocator" and not heap_kept:
-        p.error("--mode warm-allocator needs glibc's malloc controls, not found here")
+        raise UsageError("--mode warm-allocator needs glibc's malloc controls, not found here")
     args.build = build_description()
-    devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
-    devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
-    if not devices:
-        p.error("CUDA asked for, but no GPU is visible")
     min_run_time = args.min_run_time or (0.02 if args.quick else 0.3)
-    results, wn_results, impls_seen, machines = [], [], ["fastnorm", "torch"], {}
-    for device in devices:
-        batch = args.batch or (32 if device == "cpu" else 64)
-        cases = quick_suite() if args.quick else default_suite(batch)
-        cases = [c for c in cases if args.filter in c.name and args.layout in (None, c.layout)
-                 and args.dtype in (None, str(c.dtype).replace("torch.", ""))]
+    results, wn_results, model_results, impls_seen, machines = [], [], [], ["fastnorm", "torch"], {}
+    for device, cases, wn_cases, model_cases in plan:
         compile_torch = args.compile if args.compile is not None else device == "cuda"
         if compile_torch and "compile" not in impls_seen:
             impls_seen.append("compile")
         machines[device] = machine_description(device)
-        if args.suite == "weight_norm":
-            cases = []
-        print(f"# {device}: {machines[device]}, {len(cases)} batch-norm cases, mode {args.mode}", flush=True)
+        print(f"# {device}: {machines[device]}, {len(cases)} batch-norm cases, {len(wn_cases)} weight-norm cases, "
+              f"{len(model_cases)} models, mode {args.mode}", flush=True)
         for i, case in enumerate(cases, 1):
             if heap_kept:
                 trim_heap()
@@ -414,25 +479,36 @@ def main(argv):
             results.append(r)
             print(f"  [{i}/{len(cases)}] {case.name:24s} {r.dtype:8s} {r.layout:13s} "
                   + "  ".join(f"{k} {v:.3f}ms" for k, v in r.ms.items()), flush=True)
-            write_results(args, argv, results, wn_results, impls_seen, machines, heap_kept)
-        if args.suite != "batch_norm":
-            for case in wn_suite(args.quick):
-                if args.filter in case[0]:
-                    if heap_kept:
-                        trim_heap()
-                    r = run_wn_case(case, device, min_run_time)
-                    wn_results.append(r)
-                    print(f"  {r.name:34s} {r.dtype:8s} " + "  ".join(f"{k} {v:.3f}ms" for k, v in r.ms.items()),
-                          flush=True)
-                    write_results(args, argv, results, wn_results, impls_seen, machines, heap_kept)
-    write_results(args, argv, results, wn_results, impls_seen, machines, heap_kept, echo=True)
+            write_results(args, argv, results, wn_results, model_results, impls_seen, machines)
+        for case in wn_cases:
+            if heap_kept:
+                trim_heap()
+            r = run_wn_case(case, device, min_run_time)
+            wn_results.append(r)
+            print(f"  {r.name:34s} {r.dtype:8s} " + "  ".join(f"{k} {v:.3f}ms" for k, v in r.ms.items()),
+                  flush=True)
+            write_results(args, argv, results, wn_results, model_results, impls_seen, machines)
+        for i, case in enumerate(model_cases, 1):
+            r = run_model_case(case, device, rounds=3 if args.quick else 7)
+            model_results.append(r)
+            print(f"  [{i}/{len(model_cases)}] {r.name:22s} {r.config:32s} "
+                  + "  ".join(f"{k} {v:.1f}ms" for k, v in r.ms.items()), flush=True)
+            write_results(args, argv, results, wn_results, model_results, impls_seen, machines)
+    data = write_results(args, argv, results, wn_results, model_results, impls_seen, machines, echo=True)
+    if args.plot:
+        from fastnorm._plot import plot_speedups
+
+        plot_speedups(data, args.plot)
+        print(f"plot: {args.plot}")
     return 0
 
 
-def write_results(args, argv, results, wn_results, impls_seen, machines, heap_kept, echo=False):
-    """The tables (printed when ``echo``) and the --markdown/--json files, from the cases so far."""
+def write_results(args, argv, results, wn_results, model_results, impls_seen, machines, echo=False):
+    """The tables (printed when ``echo``) and the --markdown/--json files, from the cases so
+    far; returns the results as the JSON file holds them."""
     impls = [i for i in impls_seen if all(f"{i} fwd" in r.ms for r in results)]
-    table = (format_results(results, impls) if results else "") + "\n" + format_wn_results(wn_results)
+    table = ((format_results(results, impls) if results else "") + "\n" + format_wn_results(wn_results)
+             + format_model_results(model_results))
     b = args.build
     header = (f"fastnorm {b['fastnorm']} at {b['commit']}, torch {b['torch']}, "
               f"{datetime.date.today().isoformat()}; mode {args.mode}"
@@ -441,16 +517,17 @@ def write_results(args, argv, results, wn_results, impls_seen, machines, heap_ke
                  "thp": " (THP_MEM_ALLOC_ENABLE=1)"}[args.mode]
               + f"; build: CPU {b['cpu_capability']}, CUDA archs {b['cuda_archs']}; "
               + "; ".join(f"{d}: {m}" for d, m in machines.items()))
+    data = {"header": header, "mode": args.mode, "build": b, "machines": machines,
+            "command": f"python -m fastnorm bench {' '.join(argv)}", "results": [asdict(r) for r in results],
+            "weight_norm": [asdict(r) for r in wn_results], "models": [asdict(r) for r in model_results]}
     if echo:
         print()
         print(header)
         print(table)
     if args.markdown:
         with open(args.markdown, "w") as f:
-            f.write(f"# Benchmark\n\n{header}\n\nCommand: `python -m fastnorm bench {' '.join(argv)}`\n\n"
-                    f"{table}\n")
+            f.write(f"# Benchmark\n\n{header}\n\nCommand: `{data['command']}`\n\n{table}\n")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"header": header, "mode": args.mode, "build": b, "machines": machines,
-                       "command": f"python -m fastnorm bench {' '.join(argv)}", "results": [asdict(r) for r in results],
-                       "weight_norm": [asdict(r) for r in wn_results]}, f, indent=1)
+            json.dump(data, f, indent=1)
+    return data

@@ -13,12 +13,12 @@ limit. Ops:
 Exits 1 when a case fails, 2 for a usage error.
 """
 import argparse
-import sys
 
 import torch
 
 import fastnorm
 from fastnorm import reference
+from fastnorm._cli import UsageError
 from fastnorm.reference import TOLERANCES
 
 OPS = ("batch_norm", "weight_norm", "mean_only", "sync")
@@ -182,26 +182,19 @@ def _pick(what, given, known):
     chosen = [s.strip() for s in given.split(",") if s.strip()]
     unknown = [s for s in chosen if s not in known]
     if unknown or not chosen:
-        raise SystemExit(f"fastnorm check: unknown {what} {', '.join(unknown) or '(none given)'}; "
-                         f"choose from {', '.join(known)}")
+        raise UsageError(f"unknown {what} {', '.join(unknown) or '(none given)'}; choose from {', '.join(known)}")
     return chosen
 
 
 def main(argv):
     args = _parse(argv)
-    try:
-        ops = _pick("op", args.ops, OPS)
-        dtypes = _pick("dtype", args.dtypes, list(DTYPES))
-        available = ["cpu"] + (["cuda"] if fastnorm.backends()["cuda"] else [])
-        devices = _pick("device", args.devices, ["cpu", "cuda"]) if args.devices else available
-    except SystemExit as e:
-        print(e, file=sys.stderr)
-        return 2
+    ops = _pick("op", args.ops, OPS)
+    dtypes = _pick("dtype", args.dtypes, list(DTYPES))
+    available = ["cpu"] + (["cuda"] if fastnorm.backends()["cuda"] else [])
+    devices = _pick("device", args.devices, ["cpu", "cuda"]) if args.devices else available
     missing = [d for d in devices if d not in available]
     if missing:
-        print(f"fastnorm check: no {', '.join(missing)} device here (available: {', '.join(available)})",
-              file=sys.stderr)
-        return 2
+        raise UsageError(f"no {', '.join(missing)} device here (available: {', '.join(available)})")
     print(f"{'op':<12} {'device':<6} {'dtype':<9} {'cases':>5} {'failed':>6} {'worst/allowed':>13}  case")
     failures = total = 0
     torch.manual_seed(0)

@@ -10,23 +10,14 @@ labelled by ``record_function`` on the CPU and by an NVTX range on CUDA.
 """
 import argparse
 import importlib
-import sys
 
 import torch
 
 import fastnorm
+from fastnorm import model_zoo
+from fastnorm._cli import UsageError, check_writable
 
-MODELS = {
-    "resnet18": ("torchvision", "resnet18"),
-    "resnet50": ("torchvision", "resnet50"),
-    "efficientnet_b0": ("timm", "efficientnet_b0"),
-    "mobilenetv3_large_100": ("timm", "mobilenetv3_large_100"),
-}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
-
-
-class UsageError(Exception):
-    pass
 
 
 def _layout(x, layout):
@@ -69,36 +60,12 @@ def _op_steps(args, device, dtype):
 
 
 def _model_steps(args, device, dtype):
-    library, name = MODELS[args.model]
+    case = model_zoo.by_name(args.model, args.batch, args.size, dtype, args.layout)
     try:
-        lib = importlib.import_module(library)
-    except ImportError:
-        raise UsageError(f"--model {args.model} needs {library} (pip install {library})") from None
-    torch.manual_seed(0)
-    base = lib.models.__dict__[name]() if library == "torchvision" else lib.create_model(name)
-    import copy
-
-    models = {"torch": base, "fastnorm": fastnorm.convert(copy.deepcopy(base), fuse_activations=args.fuse)}
-    x = _layout(torch.randn(args.batch, 3, args.size, args.size), args.layout)
-    target = torch.randint(0, 1000, (args.batch,), device=device)
-    steps = {}
-    for impl, model in models.items():
-        model = model.to(device).train()
-        if args.layout == "channels_last":
-            model = model.to(memory_format=torch.channels_last)
-        opt = torch.optim.SGD(model.parameters(), lr=0.01)
-        xs = x.to(device)
-        autocast = dtype in (torch.bfloat16, torch.float16)
-
-        def step(model=model, opt=opt, xs=xs):
-            opt.zero_grad(set_to_none=True)
-            with torch.autocast(device, dtype=dtype, enabled=autocast):
-                loss = torch.nn.functional.cross_entropy(model(xs), target)
-            loss.backward()
-            opt.step()
-
-        steps[impl] = step
-    return steps
+        return {impl: model_zoo.training_step(case, impl, device)
+                for impl in ("torch", "fastnorm fused" if args.fuse else "fastnorm")}
+    except model_zoo.MissingLibrary as e:
+        raise UsageError(str(e)) from None
 
 
 def _callable_steps(spec, device, dtype):
@@ -116,14 +83,16 @@ def _parse(argv):
     p = argparse.ArgumentParser(prog="python -m fastnorm profile", description=__doc__.splitlines()[0])
     what = p.add_mutually_exclusive_group()
     what.add_argument("--op", choices=["batch_norm", "weight_norm"], help="an op case (default: batch_norm)")
-    what.add_argument("--model", choices=list(MODELS), help="a model's training step (torchvision or timm)")
+    what.add_argument("--model", choices=model_zoo.NAMES,
+                      help="a model's training step (fastnorm.model_zoo: torchvision, timm, weight-normed)")
     what.add_argument("--callable", help="module:function(impl, device, dtype) -> step")
     p.add_argument("--shape", default="32x64x56x56", help="the op's input (batch norm) or weight (weight norm)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="(models: autocast for 16-bit)")
     p.add_argument("--layout", default="contiguous", choices=["contiguous", "channels_last"])
     p.add_argument("--batch", type=int, default=8, help="model batch")
-    p.add_argument("--size", type=int, default=64, help="model input size")
+    p.add_argument("--size", type=int, default=64,
+                   help="model input size (image side; generator: mel frames; lstm: time steps; mlp: width)")
     p.add_argument("--fuse", action="store_true", help="convert with fuse_activations=True")
     p.add_argument("--steps", type=int, default=3, help="profiled steps (after one warm-up)")
     p.add_argument("--trace", default="fastnorm_profile.json", help="Chrome trace output path")
@@ -153,26 +122,19 @@ def _table(prof, label, device, rows):
 def main(argv):
     args = _parse(argv)
     device = args.device
-    try:
-        if device not in ("cpu", "cuda"):
-            raise UsageError(f"unknown --device {device!r}: cpu or cuda")
-        if device == "cuda" and not fastnorm.backends()["cuda"]:
-            raise UsageError("--device cuda: no GPU here, or fastnorm built without CUDA")
-        dtype = DTYPES[args.dtype]
-        if args.callable:
-            steps = _callable_steps(args.callable, device, dtype)
-        elif args.model:
-            steps = _model_steps(args, device, dtype)
-        else:
-            args.op = args.op or "batch_norm"
-            steps = _op_steps(args, device, dtype)
-        try:
-            open(args.trace, "a").close()
-        except OSError as e:
-            raise UsageError(f"cannot write the trace to {args.trace}: {e.strerror}") from None
-    except UsageError as e:
-        print(f"fastnorm profile: {e}", file=sys.stderr)
-        return 2
+    if device not in ("cpu", "cuda"):
+        raise UsageError(f"unknown --device {device!r}: cpu or cuda")
+    if device == "cuda" and not fastnorm.backends()["cuda"]:
+        raise UsageError("--device cuda: no GPU here, or fastnorm built without CUDA")
+    dtype = DTYPES[args.dtype]
+    if args.callable:
+        steps = _callable_steps(args.callable, device, dtype)
+    elif args.model:
+        steps = _model_steps(args, device, dtype)
+    else:
+        args.op = args.op or "batch_norm"
+        steps = _op_steps(args, device, dtype)
+    check_writable(args.trace, "the trace")
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device == "cuda":
         activities.append(torch.profiler.ProfilerActivity.CUDA)
