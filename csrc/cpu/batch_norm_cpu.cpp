@@ -769,7 +769,7 @@ void train_impl(const TrainArgs& a) {
   using acc_t = typename Lanes<scalar_t>::acc_t;
   Tensors<scalar_t> T(a);
   T.out = a.output.data_ptr<scalar_t>();
-  T.stream = a.output.nbytes() >= kStreamBytes;
+  T.stream = stream_output(T.out, a.output.nbytes());
   const TrainChannels<acc_t> channels(a, momentum_factor(a));
   std::vector<acc_t> slots(a.layout.C * kSlots);
   auto finish = [&](int64_t c, const Moments<double>& m) { channels.finish(c, m, &slots[c * kSlots]); };
@@ -799,7 +799,7 @@ void elemt_impl(const NormArgs& a, const at::Tensor& output) {
   using acc_t = typename Lanes<scalar_t>::acc_t;
   Tensors<scalar_t> T(a);
   T.out = output.data_ptr<scalar_t>();
-  T.stream = output.nbytes() >= kStreamBytes;
+  T.stream = stream_output(T.out, output.nbytes());
   const Layout& L = a.layout;
   std::vector<acc_t> slots(L.C * kSlots);
   const Channels<acc_t> channels(a);
@@ -832,7 +832,7 @@ void backward_impl(const BackwardArgs& a, bool reduce, bool elemt, std::vector<t
   using acc_t = typename Lanes<scalar_t>::acc_t;
   constexpr int64_t KW = Lanes<scalar_t>::kWidth;
   Tensors<scalar_t> T(a);
-  T.stream = a.input.nbytes() >= kStreamBytes;
+  T.stream = stream_output(T.out != nullptr ? static_cast<const void*>(T.out) : T.dz, a.input.nbytes());
   const Layout& L = a.layout;
   auto sums_block = [&](int64_t c, int64_t k0, int64_t k1, double& s1, double& s2) {
     RegisterSums<acc_t> s;

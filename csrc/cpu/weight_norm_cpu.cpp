@@ -533,7 +533,7 @@ void forward_impl(const WeightNormArgs& a) {
   T* w = a.w.data_ptr<T>();
   const SliceValues<T, acc_t> g{a.g.data_ptr(), g_in_acc(a)};
   acc_t* norm = a.norm.data_ptr<acc_t>();
-  const bool stream = a.w.nbytes() >= kStreamBytes;
+  const bool stream = stream_output(a.w.data_ptr(), a.w.nbytes());
   if (short_runs(a)) {
     std::vector<double> s(a.D);
     const auto ss = short_run_totals(a, v, v);
@@ -588,7 +588,7 @@ void backward_impl(const WeightNormArgs& a) {
   const SliceValues<T, acc_t> g{a.g.data_ptr(), g_in_acc(a)};
   const acc_t* norm = a.norm.data_ptr<acc_t>();
   const SliceValues<T, acc_t> grad_g{a.grad_g.data_ptr(), g_in_acc(a)};
-  const bool stream = a.grad_v.nbytes() >= kStreamBytes;
+  const bool stream = stream_output(a.grad_v.data_ptr(), a.grad_v.nbytes());
   auto finish = [g, norm, grad_g](int64_t d, double dt) FASTNORM_INLINE_LAMBDA {
     const auto k = wn_grad<acc_t>(g.get(d), double(norm[d]), dt);
     grad_g.set(d, k.grad_g);
