@@ -26,7 +26,7 @@ from torch import nn
 
 import fastnorm
 # The generator as HiFi-GAN's code writes it (also the benchmark model suite's).
-from fastnorm.model_zoo import HiFiGANGenerator, make_generator  # noqa: F401
+from fastnorm.model_zoo import make_generator
 
 
 def time_training(models, batch, loss_fn, device, steps, warmup):

@@ -239,7 +239,6 @@ def training_step(case, impl, device, seed=0, lr=0.01):
         opt.step()
         return loss.detach()
 
-    step.model = model
     return step
 
 

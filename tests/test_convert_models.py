@@ -126,6 +126,15 @@ def train_side_by_side(ours, theirs, x, steps=2, lr=0.01):
     return losses
 
 
+def assert_folds_to(model, theirs, x):
+    """fold_batch_norm leaves no batch norm in a copy of model, and the copy computes what
+    theirs computes (both in evaluation)."""
+    folded = fastnorm.fold_batch_norm(copy.deepcopy(model))
+    assert census(folded) == {}
+    with torch.no_grad():
+        assert_close_tree(folded(x), theirs(x), "folded output")
+
+
 def eval_outputs_agree(ours, theirs, x):
     for m in (ours, theirs):
         m.eval()
@@ -200,10 +209,7 @@ def test_timm_fused_residuals_and_revert():
     x = torch.randn(2, 3, 64, 64, **X64)
     train_side_by_side(ours, theirs, x)
     eval_outputs_agree(ours, theirs, x)
-    folded = fastnorm.fold_batch_norm(copy.deepcopy(ours))
-    assert census(folded) == {}
-    with torch.no_grad():
-        assert_close_tree(folded(x), theirs(x), "folded output")
+    assert_folds_to(ours, theirs, x)
     reverted = fastnorm.revert(ours)
     assert census(reverted) == {("BatchNormAct2d", "-"): 86}
     assert residual_calls(reverted) == 0
@@ -292,10 +298,7 @@ def test_torchvision_resnet50_fused():
     train_side_by_side(ours, theirs, x)
     eval_outputs_agree(ours, theirs, x)
 
-    folded = fastnorm.fold_batch_norm(copy.deepcopy(ours))
-    assert census(folded) == {}
-    with torch.no_grad():
-        assert_close_tree(folded(x), theirs(x), "folded output")
+    assert_folds_to(ours, theirs, x)
 
     reverted = fastnorm.revert(ours)
     assert census(reverted) == {("BatchNorm2d", "-"): 53} and residual_calls(reverted) == 0
@@ -335,14 +338,8 @@ def test_detection_backbone_with_frozen_batch_norm():
         assert torch.equal(ours.state_dict()[k], v), k
     eval_outputs_agree(ours, theirs, x)
 
-    folded = fastnorm.fold_batch_norm(copy.deepcopy(ours))
-    assert census(folded) == {}
-    folded_theirs = fastnorm.fold_batch_norm(copy.deepcopy(theirs))  # torchvision's own, unconverted
-    assert census(folded_theirs) == {}
-    with torch.no_grad():
-        expected = theirs(x)
-        assert_close_tree(folded(x), expected, "folded output")
-        assert_close_tree(folded_theirs(x), expected, "folded output")
+    assert_folds_to(ours, theirs, x)
+    assert_folds_to(theirs, theirs, x)  # torchvision's own, unconverted
 
     reverted = fastnorm.revert(ours)
     assert census(reverted) == {("FrozenBatchNorm2d", "-"): 20}
